@@ -1,0 +1,128 @@
+"""Public verbs: transform, reset, restore. (explain lives in explain.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import ForaBackend, runtimes_of
+from .config import ForaConfig
+from .runtime import Runtime
+
+# nn.Module methods that must act on the wrapped model, so the wrapper is a drop-in:
+# same parameters, same state_dict keys, same train/eval and device moves.
+_DELEGATED = (
+    "state_dict", "load_state_dict", "parameters", "named_parameters", "buffers",
+    "named_buffers", "children", "named_children", "modules", "named_modules",
+    "get_submodule", "get_parameter", "get_buffer", "requires_grad_", "zero_grad",
+)
+_CHAINED = ("to", "cpu", "cuda", "float", "half", "bfloat16", "double", "type", "train", "eval")
+
+
+class ForaModule(torch.nn.Module):
+    """A model whose forward runs FORA-rewritten graphs. Made by `fora_fx.transform`.
+
+    Attribute access (`.config`, `.dtype`, `.device`, submodules) reaches the wrapped model;
+    `state_dict()` is the model's own. The forward runs under torch.no_grad(): FORA is an
+    inference method and its caches carry no autograd history.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: ForaConfig):
+        super().__init__()
+        runtime = Runtime(config)
+        paths = {str(id(m)): name for name, m in model.named_modules()}
+        # Stored outside _modules so that state_dict keys keep no wrapper prefix.
+        self.__dict__["_fora_model"] = model
+        self.__dict__["_fora_config"] = config
+        self.__dict__["_fora_runtime"] = runtime
+        self.__dict__["_fora_compiled"] = torch.compile(
+            model, backend=ForaBackend(config, runtime, paths), fullgraph=True, dynamic=False
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self._fora_compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_fora_model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def __repr__(self) -> str:
+        c = self._fora_config
+        return f"ForaModule(interval={c.interval}, compiler={c.compiler!r},\n  {self._fora_model!r})"
+
+
+def _delegate(name: str, chained: bool) -> Any:
+    def method(self: ForaModule, *args: Any, **kwargs: Any) -> Any:
+        out = getattr(self._fora_model, name)(*args, **kwargs)
+        return self if chained else out
+
+    method.__name__ = name
+    method.__doc__ = f"Calls the wrapped model's `{name}`."
+    return method
+
+
+for _name in _DELEGATED:
+    setattr(ForaModule, _name, _delegate(_name, chained=False))
+for _name in _CHAINED:
+    setattr(ForaModule, _name, _delegate(_name, chained=True))
+
+
+def transform(model: torch.nn.Module, config: ForaConfig | int | None = None, **options: Any) -> ForaModule:
+    """Returns `model` with FORA caching: `fora_fx.transform(model, interval=3)`.
+
+    `config` is a ForaConfig (or an int, FORA's interval N); keyword options override its
+    fields. The model is captured and compiled on its first call.
+    """
+    if isinstance(model, ForaModule):
+        raise TypeError("fora_fx.transform: this model is already transformed")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"fora_fx.transform expects a torch.nn.Module, got {type(model).__name__}"
+        )
+    if isinstance(config, int) and not isinstance(config, bool):
+        config = ForaConfig(interval=config)
+    if config is None:
+        config = ForaConfig(**options)
+    elif not isinstance(config, ForaConfig):
+        raise TypeError(
+            f"fora_fx.transform: config must be a ForaConfig or an int interval, got {config!r}"
+        )
+    elif options:
+        config = config.replace(**options)
+    return ForaModule(model, config)
+
+
+def runtimes(obj: Any) -> list[Runtime]:
+    if isinstance(obj, ForaModule):
+        return [obj._fora_runtime]
+    orig = getattr(obj, "_orig_mod", None)  # torch.compile(...) of a module
+    if isinstance(orig, torch.nn.Module):
+        return runtimes_of(orig)
+    if isinstance(obj, torch.nn.Module):
+        return runtimes_of(obj)
+    raise TypeError(
+        "expected a module returned by fora_fx.transform or compiled with backend='fora', "
+        f"got {type(obj).__name__}"
+    )
+
+
+def reset(obj: Any) -> None:
+    """Starts a new generation: the next call is step 0 and recomputes every site."""
+    for rt in runtimes(obj):
+        rt.reset()
+
+
+def restore(obj: Any) -> Any:
+    """Frees the caches. For a ForaModule, returns the original, untouched model."""
+    for rt in runtimes(obj):
+        rt.release()
+    if isinstance(obj, ForaModule):
+        return obj._fora_model
+    return obj

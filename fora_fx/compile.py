@@ -1,0 +1,35 @@
+"""Compile stage: hand one rewritten variant to Inductor (or run it un-compiled)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from .config import ForaConfig
+
+
+def inductor_patches(mode: str | None) -> dict[str, Any]:
+    """Inductor config for a torch.compile mode, scoped to our compile calls (never global)."""
+    if mode in (None, "default"):
+        return {}
+    import torch._inductor
+
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def compile_variant(
+    gm: GraphModule, example_inputs: Sequence[torch.Tensor], config: ForaConfig
+) -> Callable[..., Any]:
+    """Returns a callable taking the variant's flat inputs (the graph's inputs + buffers)."""
+    if config.compiler == "eager":
+        return gm
+    if config.compiler == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, list(example_inputs))
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=inductor_patches(config.mode))

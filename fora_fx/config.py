@@ -1,0 +1,94 @@
+"""ForaConfig: the one object that says what FORA does, in the paper's vocabulary.
+
+The schedule rule lives here and nowhere else (`ForaConfig.refreshes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SITE_KINDS = ("attn", "cross_attn", "mlp")
+COMPILERS = ("inductor", "aot_eager", "eager")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; `interval=True` is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ForaConfig.{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"ForaConfig.{name} must be an int >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class ForaConfig:
+    """What to cache and when.
+
+    interval:      FORA's N. Step k recomputes iff k < warmup_steps, or k % interval == 0, or
+                   (num_steps is set, refresh_last, and k == num_steps - 1). 1 never reuses.
+    warmup_steps:  the first steps of a generation always recompute (>= 1: step 0 has no cache).
+    num_steps:     steps per generation, if known. The step counter wraps to 0 after this many
+                   calls, so consecutive generations need no explicit `fora_fx.reset`.
+    refresh_last:  with num_steps known, the final step recomputes (the official code does).
+    sites:         which kinds of site to cache: any of "attn", "cross_attn", "mlp".
+    compiler:      "inductor" (default), "aot_eager" or "eager" (runs the rewritten graphs
+                   without compiling; for debugging and fast tests).
+    mode:          torch.compile mode for Inductor; "reduce-overhead" turns on CUDA graphs.
+    """
+
+    interval: int = 3
+    warmup_steps: int = 1
+    num_steps: int | None = None
+    refresh_last: bool = True
+    sites: tuple[str, ...] = SITE_KINDS
+    compiler: str = "inductor"
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_int("interval", self.interval, 1)
+        _require_int("warmup_steps", self.warmup_steps, 1)
+        if self.num_steps is not None:
+            _require_int("num_steps", self.num_steps, 1)
+        if not isinstance(self.refresh_last, bool):
+            raise TypeError(f"ForaConfig.refresh_last must be a bool, got {self.refresh_last!r}")
+        sites = self.sites
+        if isinstance(sites, str):
+            sites = (sites,)
+        sites = tuple(sites)
+        unknown = [s for s in sites if s not in SITE_KINDS]
+        if unknown or not sites:
+            raise ValueError(
+                f"ForaConfig.sites must be a non-empty subset of {SITE_KINDS}, got {self.sites!r}"
+            )
+        object.__setattr__(self, "sites", sites)
+        if self.compiler not in COMPILERS:
+            raise ValueError(
+                f"ForaConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"ForaConfig.mode must be one of {MODES}, got {self.mode!r}")
+
+    def refreshes(self, step: int) -> bool:
+        """True iff step `step` (0-based, within a generation) recomputes every site."""
+        if step < self.warmup_steps or step % self.interval == 0:
+            return True
+        return self.num_steps is not None and self.refresh_last and step == self.num_steps - 1
+
+    def replace(self, **changes: Any) -> ForaConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> ForaConfig:
+        """Builds a config from torch.compile's `options=` dict (or `mode=`)."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown fora option(s) {unknown}; valid options are {sorted(known)}"
+            )
+        if mode is not None:
+            options.setdefault("mode", mode)
+        return cls(**options)

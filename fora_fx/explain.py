@@ -1,0 +1,65 @@
+"""explain(): what was cached, what was refused and why, and the rewritten graphs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api import ForaModule, reset, runtimes
+from .passes import Refusal, Site
+from .runtime import CompiledPair
+
+
+@dataclass
+class Explanation:
+    sites: list[Site] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    cache_bytes: int = 0
+    graphs: dict[str, str] = field(default_factory=dict)  # "refresh"/"reuse" -> Python code
+    show_graphs: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"fora_fx: {len(self.sites)} cached sites, {self.cache_bytes / 2**20:.2f} MiB cache"]
+        w = max((len(s.module_path) for s in self.sites), default=10)
+        for s in self.sites:
+            shapes = ", ".join("x".join(map(str, sh)) for sh in s.shapes)
+            lines.append(
+                f"  {s.name:<14} {s.module_path:<{w}}  {s.kind:<10} [{shapes}] {s.nbytes} B"
+            )
+        if self.refused:
+            lines.append("not cached:")
+            lines += [f"  {r.module_path} ({r.kind}): {r.reason}" for r in self.refused]
+        if self.show_graphs:
+            for name, code in self.graphs.items():
+                lines += [f"--- {name} graph ---", code]
+        return "\n".join(lines)
+
+
+def _pairs(obj: Any) -> list[CompiledPair]:
+    return [p for rt in runtimes(obj) for p in rt.pairs]
+
+
+def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explanation:
+    """Describes the FORA rewrite of a transformed (or backend="fora") model.
+
+    If the model has not run yet, pass example inputs: it is called once to capture it and
+    then reset, so the next call starts a fresh generation.
+    """
+    if not _pairs(obj):
+        if not (args or kwargs):
+            raise ValueError(
+                "fora_fx.explain: the model has not been captured yet; call it once or pass "
+                "example inputs: fora_fx.explain(model, *args, **kwargs)"
+            )
+        if not isinstance(obj, ForaModule) and not hasattr(obj, "_orig_mod"):
+            raise TypeError("fora_fx.explain(model, inputs) needs a transformed or compiled model")
+        obj(*args, **kwargs)
+        reset(obj)
+    pair = _pairs(obj)[-1]  # the most recently compiled graph (latest input shapes)
+    return Explanation(
+        sites=list(pair.sites),
+        refused=list(pair.located.refused),
+        cache_bytes=pair.cache_bytes,
+        graphs={k: g.code for k, g in pair.graphs.items()},
+        show_graphs=graph,
+    )

@@ -1,0 +1,26 @@
+"""Pure graph -> graph passes of fora_fx. They import neither diffusers nor Inductor.
+
+    result = locate(gm)                          # find attention / MLP sites
+    refresh = specialize(gm, sites, True)        # compute + fora::store into cache buffers
+    reuse = specialize(gm, sites, False)         # fora::load from buffers, dead regions removed
+    verify(gm, refresh, sites, True); verify(gm, reuse, sites, False)
+"""
+
+from .locate import locate, normalize_path
+from .sites import LocateResult, Refusal, Site
+from .specialize import buffer_names, clone, elide_loads, specialize
+from .verify import GraphInvariantError, verify
+
+__all__ = [
+    "GraphInvariantError",
+    "LocateResult",
+    "Refusal",
+    "Site",
+    "buffer_names",
+    "clone",
+    "elide_loads",
+    "locate",
+    "normalize_path",
+    "specialize",
+    "verify",
+]
