@@ -9,6 +9,7 @@ passes.verify -> compile -> runtime. backend.build_pair strings them together.
 
 from . import ops  # registers the fora:: custom ops before any pass builds a graph
 from .api import ForaModule, reset, restore, transform
+from .capture import capture
 from .backend import ForaBackend, NoSitesError, backend, fora_backend, register
 from .config import ForaConfig
 from .explain import Explanation, explain
@@ -22,6 +23,7 @@ __all__ = [
     "ForaModule",
     "NoSitesError",
     "backend",
+    "capture",
     "explain",
     "fora_backend",
     "ops",

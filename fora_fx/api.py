@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .backend import ForaBackend, runtimes_of
+from .capture import module_paths
 from .config import ForaConfig
 from .runtime import Runtime
 
@@ -31,7 +32,7 @@ class ForaModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, config: ForaConfig):
         super().__init__()
         runtime = Runtime(config)
-        paths = {str(id(m)): name for name, m in model.named_modules()}
+        paths = module_paths(model)
         # Stored outside _modules so that state_dict keys keep no wrapper prefix.
         self.__dict__["_fora_model"] = model
         self.__dict__["_fora_config"] = config

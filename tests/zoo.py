@@ -338,7 +338,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -349,7 +351,7 @@ class DiTBlock(nn.Module):
             self.norm_x = None
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, context=None):
@@ -388,6 +390,7 @@ class TimmDiT(nn.Module):
         num_heads: int = 2,
         num_classes: int = NUM_CLASSES,
         context_dim: int | None = None,
+        mlp_ratio: float = 4.0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -399,7 +402,7 @@ class TimmDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # +1: CFG null class
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, context_dim) for _ in range(depth)]
+            [DiTBlock(hidden_size, num_heads, context_dim, mlp_ratio) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         # adaLN-Zero would zero these; use small random values so gates are non-zero.

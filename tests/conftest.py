@@ -1,0 +1,21 @@
+"""Test setup: tests/ on sys.path for the shared helpers, a CI-friendly hypothesis profile."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Derandomized (the same examples every run, so CI is reproducible), no deadline (a first
+# call includes a Dynamo capture), bounded example counts set per test.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("ci")

@@ -1,0 +1,172 @@
+"""Locate / specialize / verify on captured graphs: structure, counts, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from zoo import CASES, make
+
+import fora_fx
+from fora_fx import ops
+from fora_fx.capture import capture, module_paths
+from fora_fx.passes import (
+    GraphInvariantError,
+    elide_loads,
+    locate,
+    normalize_path,
+    specialize,
+    verify,
+)
+
+KINDS = {
+    "dit": ["attn", "mlp"] * 2,
+    "pixart": ["attn", "cross_attn", "mlp"] * 2,
+    "sd3": ["attn", "mlp", "mlp", "attn", "mlp"],
+    "flux": ["attn", "mlp", "mlp", "attn"],
+    "timm": ["attn", "mlp"] * 2,
+    "timm_xattn": ["attn", "cross_attn", "mlp"] * 2,
+}
+
+
+def _captured(name):
+    case = make(name)
+    args, kwargs = case.inputs(0, 0)
+    gm, example_inputs = capture(case.model, *args, **kwargs)
+    return case, gm, example_inputs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sites_found_by_structure(name):
+    case, gm, _ = _captured(name)
+    result = locate(gm, module_paths(case.model))
+    assert [s.module_path for s in result.sites] == case.sites
+    assert [s.kind for s in result.sites] == KINDS[name]
+    # Without the id -> name map the paths come from Dynamo's source text and agree.
+    assert [s.module_path for s in locate(gm).sites] == case.sites
+    # Joint attention (SD3 / Flux double blocks) caches both of its outputs.
+    n_out = [len(s.outputs) for s in result.sites]
+    if name in ("sd3", "flux"):
+        assert n_out[0] == 2
+    else:
+        assert set(n_out) == {1}
+
+
+@pytest.mark.parametrize("name", ["dit", "sd3"])
+def test_variants_counts_and_invariants(name):
+    case, gm, _ = _captured(name)
+    sites = locate(gm, module_paths(case.model)).sites
+    n_buf = sum(len(s.outputs) for s in sites)
+    refresh, reuse = specialize(gm, sites, True), specialize(gm, sites, False)
+    verify(gm, refresh, sites, True)
+    verify(gm, reuse, sites, False)
+    targets = lambda g, t: [n.name for n in g.graph.nodes if n.target is t]  # noqa: E731
+    assert len(targets(refresh, ops.STORE)) == n_buf
+    assert targets(refresh, ops.LOAD) == []
+    loads = targets(reuse, ops.LOAD)
+    assert targets(reuse, ops.STORE) == []
+    if name == "sd3":
+        # SD3's last block is context_pre_only: on a reuse step its (cached) joint attention
+        # is the only reader of the context stream, so block 0's context-side outputs (the
+        # attention's context half and ff_context) are dead and their loads are removed too.
+        assert sorted(loads) == ["fora_load_attn_0_1", "fora_load_attn_1", "fora_load_mlp_0",
+                                 "fora_load_mlp_2"]
+    else:
+        assert len(loads) == n_buf
+    assert targets(refresh, ops.STORE)[0] == f"fora_store_{sites[0].name}" + (
+        "_0" if len(sites[0].outputs) > 1 else ""
+    )
+    # The reuse graph is smaller: every region and its private inputs are gone.
+    region_nodes = set().union(*(s.nodes for s in sites))
+    assert not region_nodes & {n.name for n in reuse.graph.nodes}
+    assert len(reuse.graph.nodes) < len(gm.graph.nodes) - len(region_nodes) + 2 * n_buf
+    assert elide_loads(reuse) == len(loads)
+    # The captured graph itself is never modified.
+    assert not any(n.target in (ops.STORE, ops.LOAD) for n in gm.graph.nodes)
+
+
+def test_verify_rejects_a_broken_variant():
+    case, gm, _ = _captured("timm")
+    sites = locate(gm).sites
+    refresh = specialize(gm, sites, True)
+    store = next(n for n in refresh.graph.nodes if n.target is ops.STORE)
+    refresh.graph.erase_node(store)
+    with pytest.raises(GraphInvariantError, match="buffers written"):
+        verify(gm, refresh, sites, True)
+    with pytest.raises(GraphInvariantError, match="contains stores"):
+        verify(gm, specialize(gm, sites, True), sites, False)
+
+
+def test_normalize_path():
+    text = "L['self'].__dict__['_modules']['transformer_blocks'].0.attn1"
+    assert normalize_path(text) == "transformer_blocks.0.attn1"
+    assert normalize_path("L['self'].blocks.0.mlp") == "blocks.0.mlp"
+
+
+class ResidualAttnModel(nn.Module):
+    """diffusers Attention with residual_connection=True adds its input back inside."""
+
+    def __init__(self, residual: bool):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(16, heads=2, dim_head=8, residual_connection=residual)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.out(x + 0.5 * self.attn(x))
+
+
+def test_attention_with_inner_residual_is_refused_with_reason():
+    x = torch.randn(2, 5, 16)
+    gm, _ = capture(ResidualAttnModel(residual=True), x)
+    result = locate(gm)
+    assert result.sites == []
+    assert len(result.refused) == 1
+    assert result.refused[0].module_path == "attn"
+    assert "residual added inside the module" in result.refused[0].reason
+    ok, _ = capture(ResidualAttnModel(residual=False), x)
+    assert [s.module_path for s in locate(ok).sites] == ["attn"]
+
+
+class NoAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_model_without_attention_raises_clear_error():
+    fast = fora_fx.transform(NoAttention(), compiler="eager")
+    with pytest.raises(Exception, match="found no attention or MLP site"):
+        fast(torch.randn(2, 8))
+
+
+class InlineAttentionBlock(nn.Module):
+    """Attention computed in the block's own forward: no module boundary to cache at."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+class InlineModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = InlineAttentionBlock()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_inline_attention_is_refused_not_miscached():
+    gm, _ = capture(InlineModel(), torch.randn(2, 4, 16))
+    result = locate(gm)
+    assert result.sites == []
+    assert [r.module_path for r in result.refused] == ["block"]
