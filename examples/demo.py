@@ -66,7 +66,7 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torc
         eps = out[:, :4]  # [2B, 4, 16, 16]; channels 4..7 are the learned sigma, unused by DDIM
         eps_c, eps_u = eps.chunk(2)  # [B, 4, 16, 16] each
         eps = eps_u + GUIDANCE * (eps_c - eps_u)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # as DDIMScheduler does
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps  # [B, 4, 16, 16]
     return x
 

@@ -1,0 +1,123 @@
+"""Real compiles: Inductor (C++ on CPU), compile counts, recompiles, the "fora" backend by
+name. Kept few: each Inductor compile costs seconds on 2 cores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import toy
+import torch
+from reference import EagerFora
+from torch._dynamo.utils import counters
+from zoo import make, output_tensor
+
+import fora_fx
+
+
+def _aot_compiles() -> int:
+    return counters["aot_autograd"]["total"]
+
+
+def test_inductor_two_generations_one_pair_no_recompile():
+    case = make("timm")
+    fast = fora_fx.transform(case.model, interval=3, num_steps=10, compiler="inductor")
+    counters.clear()
+    outs = []
+    for _ in range(2):  # two generations of 10 steps; num_steps wraps the counter
+        for k in range(10):
+            args, kwargs = case.inputs(k, 0)
+            outs.append(output_tensor(fast(*args, **kwargs)))
+    stats = fast._fora_runtime.stats
+    assert stats.compiles == 1  # one captured graph -> one refresh/reuse pair
+    assert _aot_compiles() == 2  # exactly the two variants went through AOT + Inductor
+    assert counters["stats"]["unique_graphs"] == 1  # Dynamo never recompiled
+    assert not counters["graph_break"]
+    expected_pattern = [True, False, False, True, False, False, True, False, False, True]
+    assert stats.history == expected_pattern * 2
+
+    ref = EagerFora(case.model, case.sites, interval=3, num_steps=10)
+    expected = []
+    for _ in range(2):
+        for k in range(10):
+            args, kwargs = case.inputs(k, 0)
+            expected.append(output_tensor(ref(*args, **kwargs)))
+    ref.remove()
+    for e, o in zip(expected, outs):
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_toy_exact_and_reset():
+    fast = fora_fx.transform(toy.Toy(), interval=2, compiler="inductor")
+    got = [fast(*toy.inputs(t)).item() for t in (1, 2, 3)]
+    assert got == [toy.recomputed(1), toy.reused(2, 1), toy.recomputed(3)]
+    fora_fx.reset(fast)
+    assert fast(*toy.inputs(5)).item() == toy.recomputed(5)
+
+
+def test_backend_by_name_with_options_and_reset():
+    model = toy.Toy()
+    compiled = torch.compile(model, backend="fora", options={"interval": 3, "compiler": "eager"})
+    got = [compiled(*toy.inputs(t)).item() for t in (1, 2)]
+    assert got == [toy.recomputed(1), toy.reused(2, 1)]
+    fora_fx.reset(compiled)  # finds the runtime through the model's parameters
+    assert compiled(*toy.inputs(3)).item() == toy.recomputed(3)
+    assert fora_fx.explain(compiled).sites[0].module_path == "attn"
+
+
+def test_backend_object_for_a_config():
+    cfg = fora_fx.ForaConfig(interval=2, compiler="eager")
+    compiled = torch.compile(toy.Toy(), backend=fora_fx.backend(cfg), fullgraph=True)
+    got = [compiled(*toy.inputs(t)).item() for t in (1, 2, 3)]
+    assert got == [toy.recomputed(1), toy.reused(2, 1), toy.recomputed(3)]
+
+
+class Breaks(toy.Toy):
+    def forward(self, x, t):
+        y = super().forward(x, t)
+        torch._dynamo.graph_break()
+        return y + 1
+
+
+def test_graph_break_is_a_clear_error():
+    compiled = torch.compile(Breaks(), backend="fora", options={"compiler": "eager"})
+    with pytest.raises(Exception, match="fora needs the whole forward as one graph"):
+        compiled(*toy.inputs(1))
+
+
+_FRESH = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import toy
+    {pre}
+    m = torch.compile(toy.Toy(), backend="fora", options={{"interval": 2, "compiler": "eager"}})
+    vals = [m(*toy.inputs(t)).item() for t in (1, 2)]
+    assert vals == [toy.recomputed(1), toy.reused(2, 1)], vals
+    assert "fora_fx" in sys.modules
+    {post}
+    print("OK")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "pre, post",
+    [
+        ("", ""),  # resolved through the torch_dynamo_backends entry point alone
+        ("import fora_fx", ""),  # imported first: no 'duplicate name: fora'
+        ("", "import fora_fx; torch.compile(toy.Toy(), backend='fora', options={'compiler': 'eager'})(*toy.inputs(1))"),
+    ],
+)
+def test_backend_resolves_in_a_fresh_interpreter(pre, post):
+    import os
+
+    code = _FRESH.format(tests=os.path.dirname(__file__), pre=pre, post=post)
+    if "fora_fx" not in pre:
+        code = code.replace("import toy\n", "import toy\nassert 'fora_fx' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")

@@ -1,0 +1,115 @@
+"""The transformed module is a drop-in; explain / reset / restore; errors say what is valid."""
+
+from __future__ import annotations
+
+import pytest
+import toy
+import torch
+from zoo import make, output_tensor
+
+import fora_fx
+
+
+@pytest.fixture(scope="module")
+def dit():
+    case = make("dit")
+    return case, fora_fx.transform(case.model, interval=3, compiler="eager")
+
+
+def test_attributes_and_state_pass_through(dit):
+    case, fast = dit
+    assert isinstance(fast, torch.nn.Module)
+    assert fast.config is case.model.config  # diffusers config
+    assert fast.dtype == torch.float32 and fast.device.type == "cpu"
+    assert fast.transformer_blocks is case.model.transformer_blocks
+    assert list(fast.state_dict()) == list(case.model.state_dict())
+    assert [id(p) for p in fast.parameters()] == [id(p) for p in case.model.parameters()]
+    assert fast.eval() is fast and not case.model.training
+    fast.load_state_dict(case.model.state_dict())
+
+
+def test_explain_lists_sites_bytes_and_graphs(dit):
+    case, fast = dit
+    with pytest.raises(ValueError, match="has not been captured yet"):
+        fora_fx.explain(fora_fx.transform(case.model, compiler="eager"))
+    args, kwargs = case.inputs(0, 0)
+    ex = fora_fx.explain(fast, *args, **kwargs, graph=True)
+    assert fast._fora_runtime.step == 0  # explain's capture call was undone by a reset
+    assert [s.module_path for s in ex.sites] == case.sites
+    assert ex.cache_bytes == sum(s.nbytes for s in ex.sites) == 4 * 2 * 16 * 32 * 4
+    text = str(ex)
+    assert "transformer_blocks.0.attn1" in text and "MiB cache" in text
+    assert "fora_store_attn_0 = torch.ops.fora.store.default(fora_cache_attn_0" in text
+    assert "fora_load_mlp_1 = torch.ops.fora.load.default(fora_cache_mlp_1)" in text
+
+
+def test_restore_returns_original_and_frees_cache():
+    case = make("timm")
+    fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    args, kwargs = case.inputs(0, 0)
+    fast(*args, **kwargs)
+    assert fora_fx.explain(fast).cache_bytes > 0
+    assert fora_fx.restore(fast) is case.model
+    assert fast._fora_runtime.pairs == []
+    with torch.no_grad():
+        case.model(*args, **kwargs)  # the original model is untouched
+    with pytest.raises(RuntimeError, match="released by fora_fx.restore"):
+        fast(*args, **kwargs)
+
+
+def test_transform_argument_errors():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        fora_fx.transform(lambda x: x)
+    fast = fora_fx.transform(toy.Toy(), 2, compiler="eager")
+    assert fast._fora_config.interval == 2
+    with pytest.raises(TypeError, match="already transformed"):
+        fora_fx.transform(fast)
+    with pytest.raises(TypeError, match="config must be a ForaConfig or an int"):
+        fora_fx.transform(toy.Toy(), "3")
+    with pytest.raises(ValueError, match="interval must be an int >= 1"):
+        fora_fx.transform(toy.Toy(), interval=0)
+    with pytest.raises(TypeError, match="expected a module returned by fora_fx.transform"):
+        fora_fx.reset("model")
+
+
+def test_failed_call_invalidates_cache():
+    fast = fora_fx.transform(toy.Toy(), interval=4, compiler="eager")
+    assert fast(*toy.inputs(1)).item() == toy.recomputed(1)
+    pair = fast._fora_runtime.pairs[0]
+    reuse = pair.reuse
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    pair.reuse = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        fast(*toy.inputs(2))
+    pair.reuse = reuse
+    # The step did not count, and nothing cached before the failure is trusted.
+    assert fast._fora_runtime.step == 1
+    assert fast(*toy.inputs(3)).item() == toy.recomputed(3)
+    assert fast(*toy.inputs(4)).item() == toy.reused(4, 3)
+
+
+def test_concurrent_call_is_refused():
+    fast = fora_fx.transform(toy.Toy(), interval=2, compiler="eager")
+    fast(*toy.inputs(1))
+    rt = fast._fora_runtime
+    rt._lock.acquire()  # another thread is mid-step
+    try:
+        with pytest.raises(RuntimeError, match="called while another call was running"):
+            fast(*toy.inputs(2))
+    finally:
+        rt._lock.release()
+    assert fast(*toy.inputs(2)).item() == toy.reused(2, 1)
+
+
+def test_two_transformed_models_never_share_state():
+    model = toy.Toy()
+    a = fora_fx.transform(model, interval=3, compiler="eager")
+    b = fora_fx.transform(model, interval=3, compiler="eager")
+    assert a(*toy.inputs(1)).item() == toy.recomputed(1)
+    assert b(*toy.inputs(5)).item() == toy.recomputed(5)
+    assert a(*toy.inputs(2)).item() == toy.reused(2, 1)
+    assert b(*toy.inputs(6)).item() == toy.reused(6, 5)
+    assert output_tensor(a(*toy.inputs(3))).item() == toy.reused(3, 1)
