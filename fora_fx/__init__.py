@@ -9,8 +9,8 @@ passes.verify -> compile -> runtime. backend.build_pair strings them together.
 
 from . import ops  # registers the fora:: custom ops before any pass builds a graph
 from .api import ForaModule, reset, restore, transform
-from .capture import capture
 from .backend import ForaBackend, NoSitesError, backend, fora_backend, register
+from .capture import capture
 from .config import ForaConfig
 from .explain import Explanation, explain
 

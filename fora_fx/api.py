@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from .backend import ForaBackend, runtimes_of
+from .backend import backend
 from .capture import module_paths
 from .config import ForaConfig
-from .runtime import Runtime
+from .runtime import Runtime, active, runtimes_of
 
 # nn.Module methods that must act on the wrapped model, so the wrapper is a drop-in:
 # same parameters, same state_dict keys, same train/eval and device moves.
@@ -37,13 +37,23 @@ class ForaModule(torch.nn.Module):
         self.__dict__["_fora_model"] = model
         self.__dict__["_fora_config"] = config
         self.__dict__["_fora_runtime"] = runtime
+        self.__dict__["_fora_paths"] = paths
         self.__dict__["_fora_compiled"] = torch.compile(
-            model, backend=ForaBackend(config, runtime, paths), fullgraph=True, dynamic=False
+            model, backend=backend(config), fullgraph=True, dynamic=False
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self._fora_compiled(*args, **kwargs)
+        with torch.no_grad(), active(self._fora_runtime, self._fora_paths):
+            try:
+                return self._fora_compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                # Dynamo keeps one cache per code object: every model of this class (and every
+                # input shape) compiled in this process counts toward recompile_limit (8),
+                # though this model only needs an entry per input shape. Raise the limit for
+                # this call only, rather than fail or silently fall back to eager.
+                limit = max(torch._dynamo.config.recompile_limit, 64)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return self._fora_compiled(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -56,7 +66,8 @@ class ForaModule(torch.nn.Module):
 
     def __repr__(self) -> str:
         c = self._fora_config
-        return f"ForaModule(interval={c.interval}, compiler={c.compiler!r},\n  {self._fora_model!r})"
+        model = self._fora_model
+        return f"ForaModule(interval={c.interval}, compiler={c.compiler!r},\n  {model!r})"
 
 
 def _delegate(name: str, chained: bool) -> Any:
@@ -75,7 +86,9 @@ for _name in _CHAINED:
     setattr(ForaModule, _name, _delegate(_name, chained=True))
 
 
-def transform(model: torch.nn.Module, config: ForaConfig | int | None = None, **options: Any) -> ForaModule:
+def transform(
+    model: torch.nn.Module, config: ForaConfig | int | None = None, **options: Any
+) -> ForaModule:
     """Returns `model` with FORA caching: `fora_fx.transform(model, interval=3)`.
 
     `config` is a ForaConfig (or an int, FORA's interval N); keyword options override its

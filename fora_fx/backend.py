@@ -1,7 +1,7 @@
 """The "fora" Dynamo backend: locate -> rewrite -> verify -> compile -> dispatcher.
 
-This is the ~10 lines that run the passes (`build_pair`). `torch.compile(m, backend="fora")`
-finds `fora_backend` through the `torch_dynamo_backends` entry point; importing fora_fx also
+`build_pair` is the ~10 lines that run the passes. `torch.compile(m, backend="fora")` finds
+`fora_backend` through the `torch_dynamo_backends` entry point; importing fora_fx also
 registers it, guarded so that both paths work in either order (DESIGN.md section 4).
 """
 
@@ -12,12 +12,11 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .compile import compile_variant
 from .config import ForaConfig
-from .passes import LocateResult, buffer_names, clone, elide_loads, locate, specialize, verify
-from .runtime import CompiledPair, Runtime
+from .passes import LocateResult, clone, elide_loads, locate, specialize, verify
+from .runtime import BufferSpec, CompiledPair, active_paths
 
 
 class NoSitesError(ValueError):
@@ -44,7 +43,6 @@ def build_pair(
     gm: GraphModule,
     example_inputs: Sequence[Any],
     config: ForaConfig,
-    runtime: Runtime,
     module_paths: Mapping[str, str] | None = None,
 ) -> CompiledPair:
     located = locate(gm, module_paths)
@@ -61,33 +59,31 @@ def build_pair(
     graphs = {"refresh": clone(refresh), "reuse": clone(reuse)}
     elide_loads(reuse)
 
-    buffers = _allocate_buffers(gm, sites)
+    specs = _buffer_specs(gm, sites)
     for variant in (refresh, reuse):
         _mark_cache_inputs(variant)
-    inputs = [*example_inputs, *buffers]
-    pair = CompiledPair(
-        runtime,
+    inputs = [*example_inputs, *(s.allocate() for s in specs)]
+    params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
+    return CompiledPair(
+        config,
         refresh=compile_variant(refresh, inputs, config),
         reuse=compile_variant(reuse, inputs, config),
-        buffers=buffers,
+        specs=specs,
         located=located,
         sites=sites,
         graphs=graphs,
+        param_index=params[0] if params else None,
     )
-    runtime.register(pair)
-    return pair
 
 
-def _allocate_buffers(gm: GraphModule, sites: Sequence[Any]) -> list[torch.Tensor]:
-    # Persistent, static-address buffers, written in place by fora::store. Outputs of a
-    # CUDA-graph replay are overwritten by the next replay, so they cannot serve as the cache.
+def _buffer_specs(gm: GraphModule, sites: Sequence[Any]) -> list[BufferSpec]:
     nodes = {n.name: n for n in gm.graph.nodes}
-    buffers = []
+    specs = []
     for site in sites:
         for out in site.outputs:
             val = nodes[out].meta["example_value"]
-            buffers.append(torch.zeros(val.shape, dtype=val.dtype, device=val.device))
-    return buffers
+            specs.append(BufferSpec(tuple(int(s) for s in val.shape), val.dtype, val.device))
+    return specs
 
 
 def _mark_cache_inputs(gm: GraphModule) -> None:
@@ -103,58 +99,39 @@ def _mark_cache_inputs(gm: GraphModule) -> None:
 
 
 class ForaBackend:
-    """A configured backend: `torch.compile(model, backend=ForaBackend(config))`."""
+    """A configured backend: `torch.compile(model, backend=fora_fx.backend(config))`.
 
-    def __init__(
-        self,
-        config: ForaConfig,
-        runtime: Runtime | None = None,
-        module_paths: Mapping[str, str] | None = None,
-    ):
+    Stateless: the compiled pair it returns finds the calling model's state at run time, so
+    one backend may serve many models (and Dynamo may share the compiled code among them).
+    """
+
+    def __init__(self, config: ForaConfig):
         self.config = config
-        self.runtime = runtime
-        self.module_paths = module_paths
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> CompiledPair:
         _check_single_graph(gm)
-        runtime = self.runtime or runtime_for(example_inputs, self.config)
-        return build_pair(gm, example_inputs, self.config, runtime, self.module_paths)
+        return build_pair(gm, example_inputs, self.config, active_paths())
+
+    def __repr__(self) -> str:
+        return f"ForaBackend({self.config})"
 
 
-# Runtimes of models compiled by name, keyed by one of their parameters, so that
-# fora_fx.reset(model) finds them and graphs of the same model (new shapes) share a counter.
-_RUNTIMES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def runtime_for(example_inputs: Sequence[Any], config: ForaConfig) -> Runtime:
-    params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
-    if not params:
-        return Runtime(config)  # nothing to key on: one runtime per graph
-    for p in params:
-        by_config = _RUNTIMES.get(p)
-        if by_config is not None and config in by_config:
-            return by_config[config]
-    runtime = Runtime(config)
-    _RUNTIMES.setdefault(params[0], {})[config] = runtime
-    return runtime
-
-
-def runtimes_of(module: torch.nn.Module) -> list[Runtime]:
-    found: list[Runtime] = []
-    for p in module.parameters():
-        for rt in (_RUNTIMES.get(p) or {}).values():
-            if rt not in found:
-                found.append(rt)
-    return found
+_BACKENDS: dict[ForaConfig, ForaBackend] = {}
 
 
 def backend(config: ForaConfig | None = None, **options: Any) -> ForaBackend:
-    """A backend for a config object: `torch.compile(m, backend=fora_fx.backend(cfg))`."""
+    """The backend for a config: `torch.compile(m, backend=fora_fx.backend(cfg))`.
+
+    One object per distinct config, so that compiling another model with the same config
+    reuses Dynamo's cache entry instead of adding one (entries per code object are limited).
+    """
     if config is None:
         config = ForaConfig(**options)
     elif options:
         config = config.replace(**options)
-    return ForaBackend(config)
+    if config not in _BACKENDS:
+        _BACKENDS[config] = ForaBackend(config)
+    return _BACKENDS[config]
 
 
 def fora_backend(
@@ -164,7 +141,7 @@ def fora_backend(
     options: dict[str, Any] | None = None,
 ) -> CompiledPair:
     """The backend registered as "fora"; `options=` carries ForaConfig fields."""
-    return ForaBackend(ForaConfig.from_options(options, mode))(gm, example_inputs)
+    return backend(ForaConfig.from_options(options, mode))(gm, example_inputs)
 
 
 def register() -> None:

@@ -32,4 +32,7 @@ def compile_variant(
         return aot_eager(gm, list(example_inputs))
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches=inductor_patches(config.mode))
+    compiled = compile_fx(gm, list(example_inputs), config_patches=inductor_patches(config.mode))
+    if not callable(compiled):  # compile_fx's annotation also covers AOT-export results
+        raise TypeError(f"Inductor returned {type(compiled).__name__}, not a callable")
+    return compiled

@@ -19,7 +19,8 @@ class Explanation:
     show_graphs: bool = False
 
     def __str__(self) -> str:
-        lines = [f"fora_fx: {len(self.sites)} cached sites, {self.cache_bytes / 2**20:.2f} MiB cache"]
+        mib = self.cache_bytes / 2**20
+        lines = [f"fora_fx: {len(self.sites)} cached sites, {mib:.2f} MiB cache"]
         w = max((len(s.module_path) for s in self.sites), default=10)
         for s in self.sites:
             shapes = ", ".join("x".join(map(str, sh)) for sh in s.shapes)
@@ -55,11 +56,11 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
             raise TypeError("fora_fx.explain(model, inputs) needs a transformed or compiled model")
         obj(*args, **kwargs)
         reset(obj)
-    pair = _pairs(obj)[-1]  # the most recently compiled graph (latest input shapes)
+    pair = _pairs(obj)[-1]  # the graph of the latest new input shapes
     return Explanation(
         sites=list(pair.sites),
         refused=list(pair.located.refused),
-        cache_bytes=pair.cache_bytes,
+        cache_bytes=sum(rt.cache_bytes for rt in runtimes(obj)),
         graphs={k: g.code for k, g in pair.graphs.items()},
         show_graphs=graph,
     )

@@ -132,7 +132,7 @@ class _Graph:
 
     def lca_key(self, a: Node, b: Node) -> str | None:
         common = None
-        for (ka, _), (kb, _) in zip(_stack(a), _stack(b)):
+        for (ka, _), (kb, _) in zip(_stack(a), _stack(b), strict=False):
             if ka != kb:
                 break
             common = ka

@@ -57,7 +57,7 @@ def add_cache_inputs(gm: GraphModule, sites: Sequence[Site]) -> dict[str, Node]:
     by_name = {n.name: n for n in graph.nodes}
     added: dict[str, Node] = {}
     for site in sites:
-        for name, out in zip(buffer_names(site), site.outputs):
+        for name, out in zip(buffer_names(site), site.outputs, strict=True):
             ctx = graph.inserting_after(anchor) if anchor else graph.inserting_before(None)
             with ctx:
                 ph = graph.placeholder(name)
@@ -79,19 +79,22 @@ def specialize(gm: GraphModule, sites: Sequence[Site], refresh: bool) -> GraphMo
         region = {by_name[n] for n in site.nodes}
         names = buffer_names(site)
         suffixes = [""] if len(names) == 1 else [f"_{i}" for i in range(len(names))]
-        for out_name, buf, sfx in zip(site.outputs, names, suffixes):
+        for out_name, buf, sfx in zip(site.outputs, names, suffixes, strict=True):
             out = by_name[out_name]
             with graph.inserting_after(out):
                 if refresh:
                     node = graph.create_node(
-                        "call_function", STORE, (caches[buf], out), name=f"fora_store_{site.name}{sfx}"
+                        "call_function", STORE, (caches[buf], out),
+                        name=f"fora_store_{site.name}{sfx}",
                     )
                 else:
                     node = graph.create_node(
                         "call_function", LOAD, (caches[buf],), name=f"fora_load_{site.name}{sfx}"
                     )
                     node.meta["example_value"] = out.meta.get("example_value")
-                    out.replace_all_uses_with(node, delete_user_cb=lambda u: u not in region)
+                    out.replace_all_uses_with(
+                        node, delete_user_cb=lambda u, region=region: u not in region
+                    )
             node.meta["fora_site"] = site.name
             node.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
     if not refresh:

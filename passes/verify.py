@@ -21,7 +21,9 @@ def _fail(variant: str, msg: str) -> None:
     raise GraphInvariantError(f"fora {variant} graph: {msg}")
 
 
-def verify(original: GraphModule, variant: GraphModule, sites: Sequence[Site], refresh: bool) -> None:
+def verify(
+    original: GraphModule, variant: GraphModule, sites: Sequence[Site], refresh: bool
+) -> None:
     kind = "refresh" if refresh else "reuse"
     graph = variant.graph
     graph.lint()

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from zoo import CASES, make
-
-import fora_fx
-from fora_fx import ops
-from fora_fx.capture import capture, module_paths
 from fora_fx.passes import (
     GraphInvariantError,
     elide_loads,
@@ -18,6 +12,12 @@ from fora_fx.passes import (
     specialize,
     verify,
 )
+from torch import nn
+from zoo import CASES, make
+
+import fora_fx
+from fora_fx import ops
+from fora_fx.capture import capture, module_paths
 
 KINDS = {
     "dit": ["attn", "mlp"] * 2,

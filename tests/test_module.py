@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import toy
 import torch
+import toy
 from zoo import make, output_tensor
 
 import fora_fx
@@ -113,3 +113,27 @@ def test_two_transformed_models_never_share_state():
     assert a(*toy.inputs(2)).item() == toy.reused(2, 1)
     assert b(*toy.inputs(6)).item() == toy.reused(6, 5)
     assert output_tensor(a(*toy.inputs(3))).item() == toy.reused(3, 1)
+
+
+def test_models_compiled_by_name_keep_their_own_state():
+    # Dynamo shares one compiled entry between these two (same class, shapes and backend):
+    # the state must still be per model.
+    opts = {"interval": 3, "compiler": "eager"}
+    a = torch.compile(toy.Toy(), backend="fora", options=opts)
+    b = torch.compile(toy.Toy(), backend="fora", options=opts)
+    assert a(*toy.inputs(1)).item() == toy.recomputed(1)
+    assert b(*toy.inputs(5)).item() == toy.recomputed(5)
+    assert a(*toy.inputs(2)).item() == toy.reused(2, 1)
+    assert b(*toy.inputs(6)).item() == toy.reused(6, 5)
+    fora_fx.reset(b)
+    assert b(*toy.inputs(7)).item() == toy.recomputed(7)
+    assert a(*toy.inputs(3)).item() == toy.reused(3, 1)
+
+
+def test_many_models_of_one_class_exceed_no_recompile_limit():
+    # More transformed instances (different configs -> different Dynamo entries) than
+    # torch._dynamo.config.recompile_limit allows per code object.
+    models = [fora_fx.transform(toy.Toy(), interval=i, compiler="eager") for i in range(2, 14)]
+    for m in models:
+        assert m(*toy.inputs(1)).item() == toy.recomputed(1)
+        assert m(*toy.inputs(2)).item() == toy.reused(2, 1)

@@ -3,8 +3,8 @@ sequences against the toy's closed-form oracle."""
 
 from __future__ import annotations
 
-import toy
 import torch
+import toy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -25,7 +25,9 @@ from fora_fx import ForaConfig
     interval=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_random_transformers_match_reference(depth, heads, head_dim, mlp_ratio, cross, interval, seed):
+def test_random_transformers_match_reference(
+    depth, heads, head_dim, mlp_ratio, cross, interval, seed
+):
     torch.manual_seed(seed)
     width = heads * head_dim
     ctx_dim = 12 if cross else None
@@ -49,7 +51,7 @@ def test_random_transformers_match_reference(depth, heads, head_dim, mlp_ratio, 
     ref = EagerFora(model, names, interval=interval)
     expected = [call(ref, k) for k in range(5)]
     ref.remove()
-    for e, o in zip(expected, got):
+    for e, o in zip(expected, got, strict=True):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
 
 
