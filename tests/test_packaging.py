@@ -37,12 +37,12 @@ def test_wheel_layout_and_fresh_install(tmp_path):
     assert install.returncode == 0, install.stderr[-2000:]
     code = (
         "import sys, torch\n"
-        "sys.path.insert(0, %r)\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "import toy\n"
         "m = torch.compile(toy.Toy(), backend='fora', options={'compiler': 'eager'})\n"
         "assert m(*toy.inputs(1)).item() == toy.recomputed(1)\n"
         "import fora_fx, fora_fx.passes\n"
-        "print(fora_fx.__file__, fora_fx.passes.__file__)\n" % str(ROOT / "tests")
+        "print(fora_fx.__file__, fora_fx.passes.__file__)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
