@@ -99,10 +99,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 10 quick)")
     p.add_argument("--interval", type=int, default=3, help="FORA interval N (default 3)")
     p.add_argument("--batch", type=int, default=4, help="images per batch; the model sees 2x")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
     p.add_argument("--quick", action="store_true", help="2 layers, 10 steps")
     args = p.parse_args()
     steps = args.steps or (10 if args.quick else 20)
-    layers, repeats = (2 if args.quick else 6), 3
+    layers, repeats = (2 if args.quick else 6), args.repeats
 
     torch.manual_seed(0)
     noise = torch.randn(args.batch, 4, 16, 16)  # [B, 4, 16, 16] starting latents, shared by all

@@ -15,12 +15,18 @@ class Explanation:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     cache_bytes: int = 0
+    calls: int = 0  # model calls so far, and how many of them recomputed / reused
+    refreshes: int = 0
+    reuses: int = 0
     graphs: dict[str, str] = field(default_factory=dict)  # "refresh"/"reuse" -> Python code
     show_graphs: bool = False
 
     def __str__(self) -> str:
         mib = self.cache_bytes / 2**20
-        lines = [f"fora_fx: {len(self.sites)} cached sites, {mib:.2f} MiB cache"]
+        lines = [
+            f"fora_fx: {len(self.sites)} cached sites, {mib:.2f} MiB cache; {self.calls} calls: "
+            f"{self.refreshes} recomputed, {self.reuses} reused"
+        ]
         w = max((len(s.module_path) for s in self.sites), default=10)
         for s in self.sites:
             shapes = ", ".join("x".join(map(str, sh)) for sh in s.shapes)
@@ -61,6 +67,9 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         sites=list(pair.sites),
         refused=list(pair.located.refused),
         cache_bytes=sum(rt.cache_bytes for rt in runtimes(obj)),
+        calls=sum(rt.stats.calls for rt in runtimes(obj)),
+        refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),
+        reuses=sum(rt.stats.reuses for rt in runtimes(obj)),
         graphs={k: g.code for k, g in pair.graphs.items()},
         show_graphs=graph,
     )

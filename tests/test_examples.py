@@ -1,0 +1,24 @@
+"""Docs that run: the README's example is examples/quickstart.py, and CI runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_is_the_quickstart_file():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert (ROOT / "examples" / "quickstart.py").read_text() in blocks
+
+
+def test_quickstart_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fora_fx: 4 cached sites" in proc.stdout
+    assert "10 calls: 4 recomputed, 6 reused" in proc.stdout
