@@ -45,7 +45,7 @@ def build_pair(
     config: ForaConfig,
     module_paths: Mapping[str, str] | None = None,
 ) -> CompiledPair:
-    located = locate(gm, module_paths)
+    located = locate(gm, module_paths, config.sites)
     sites = [s for s in located.sites if s.kind in config.sites]
     if not sites:
         raise NoSitesError(

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SITE_KINDS = ("attn", "cross_attn", "mlp")
+SITE_KINDS = ("attn", "cross_attn", "mlp", "parallel")
 COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -32,7 +32,8 @@ class ForaConfig:
     num_steps:     steps per generation, if known. The step counter wraps to 0 after this many
                    calls, so consecutive generations need no explicit `fora_fx.reset`.
     refresh_last:  with num_steps known, the final step recomputes (the official code does).
-    sites:         which kinds of site to cache: any of "attn", "cross_attn", "mlp".
+    sites:         which kinds of site to cache: any of "attn", "cross_attn", "mlp",
+                   "parallel" (a parallel block's fused attention + MLP output, Flux).
     compiler:      "inductor" (default), "aot_eager" or "eager" (runs the rewritten graphs
                    without compiling; for debugging and fast tests).
     mode:          torch.compile mode for Inductor; "reduce-overhead" turns on CUDA graphs.

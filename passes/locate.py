@@ -4,7 +4,9 @@ A site is the region of one module call (nodes sharing an nn_module_stack key) t
   * an attention: the innermost module around an attention core (SDPA, or softmax fed into
     a matmul), classed "cross_attn" when its keys come from other inputs than its queries;
   * an MLP: the innermost module around Linear -> activation -> Linear operating on the token
-    stream (downstream of some attention), which excludes timestep / caption embedders.
+    stream (downstream of some attention), which excludes timestep / caption embedders;
+  * a parallel block (Flux single blocks): an attention and an MLP half concatenated into a
+    shared output projection; the projection's output is the cache point.
 The module boundary is FORA's cache point: in DiT-style blocks the gate multiply and the
 residual add sit outside the attention / MLP module (DESIGN.md section 3).
 
@@ -16,74 +18,21 @@ region is not convex, it has side effects, or its shapes are symbolic.
 from __future__ import annotations
 
 import math
-import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from .patterns import (
+    attention_qk,
+    is_attention_core,
+    is_linear,
+    is_parameter,
+    mlp_first_linear,
+    parallel_chain,
+)
 from .sites import LocateResult, Refusal, Site
-
-_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
-_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
-_MATMUL = {torch.matmul, torch.bmm, torch.baddbmm, operator.matmul, "matmul", "bmm", "baddbmm"}
-_LINEAR = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
-_ACTIVATIONS = {
-    F.gelu, F.silu, F.relu, F.mish, torch.tanh, torch.sigmoid, F.sigmoid, F.tanh,
-    "gelu", "silu", "relu", "tanh", "sigmoid",
-}
-# Ops allowed between the two Linears of an MLP besides activations (GEGLU splits and
-# multiplies; dropout and casts are identities at inference).
-_MLP_GLUE = {
-    F.dropout, operator.getitem, operator.mul, torch.mul, torch.chunk,
-    "chunk", "to", "float", "half", "contiguous", "type_as", "mul",
-}
-
-
-def _target(node: Node) -> object:
-    return node.target
-
-
-def _matches(node: Node, table: set) -> bool:
-    if node.op == "call_function":
-        return node.target in table
-    if node.op == "call_method":
-        return node.target in table
-    return False
-
-
-def is_attention_core(node: Node) -> bool:
-    if _matches(node, _SDPA):
-        return True
-    if _matches(node, _SOFTMAX):
-        return any(_matches(u, _MATMUL) for u in _skip_identities(node.users))
-    return False
-
-
-def _skip_identities(nodes: Iterable[Node]) -> list[Node]:
-    out: list[Node] = []
-    for n in nodes:
-        if _matches(n, {F.dropout, "to", "float", "half"}):
-            out.extend(_skip_identities(n.users))
-        else:
-            out.append(n)
-    return out
-
-
-def is_linear(node: Node) -> bool:
-    return _matches(node, _LINEAR)
-
-
-def is_parameter(node: Node) -> bool:
-    if node.op == "get_attr":
-        return True
-    if node.op != "placeholder":
-        return False
-    if node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"):
-        return True
-    return isinstance(node.meta.get("example_value"), torch.nn.Parameter)
 
 
 def _stack(node: Node) -> list[tuple[str, str]]:
@@ -169,55 +118,6 @@ def _region_sources(node: Node, region: set[Node]) -> set[Node]:
     return found
 
 
-def _attention_qk(core: Node) -> tuple[Node, Node] | None:
-    if _matches(core, _SDPA):
-        args = list(core.args) + [None, None]
-        q = args[0] if args[0] is not None else core.kwargs.get("query")
-        k = args[1] if args[1] is not None else core.kwargs.get("key")
-    else:  # softmax(matmul(q, k^T)) or softmax(baddbmm(bias, q, k^T))
-        src = core.args[0]
-        while isinstance(src, Node) and not _matches(src, _MATMUL):
-            ins = [a for a in src.all_input_nodes if not is_parameter(a)]
-            if len(ins) != 1:
-                return None
-            src = ins[0]
-        if not isinstance(src, Node):
-            return None
-        ops = [a for a in src.args if isinstance(a, Node)]
-        q, k = (ops[-2], ops[-1]) if len(ops) >= 2 else (None, None)
-    if isinstance(q, Node) and isinstance(k, Node):
-        return q, k
-    return None
-
-
-def _mlp_first_linear(l2: Node) -> Node | None:
-    """The Linear feeding `l2` through activation / glue ops only, or None."""
-    x = l2.args[0] if l2.args else None
-    if not isinstance(x, Node):
-        return None
-    sources: set[Node] = set()
-    saw_activation = False
-    todo, seen = [x], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_linear(n):
-            sources.add(n)
-            continue
-        if _matches(n, _ACTIVATIONS):
-            saw_activation = True
-        elif not _matches(n, _MLP_GLUE):
-            return None
-        todo.extend(a for a in n.all_input_nodes if not is_parameter(a))
-        if len(seen) > 16:
-            return None
-    if saw_activation and len(sources) == 1:
-        return sources.pop()
-    return None
-
-
 def _check_region(g: _Graph, region: set[Node], cores: set[Node]) -> tuple[list[Node], str | None]:
     """Returns the region's outputs, or a reason why it cannot be cached."""
     outputs = sorted(
@@ -276,11 +176,20 @@ def _site_meta(outputs: list[Node]) -> tuple[tuple, tuple, int]:
     return tuple(shapes), tuple(dtypes), nbytes
 
 
-def locate(gm: GraphModule, paths: Mapping[str, str] | None = None) -> LocateResult:
-    """Finds cache sites in `gm`. `paths` maps str(id(module)) -> qualified name, if known."""
+def locate(
+    gm: GraphModule,
+    paths: Mapping[str, str] | None = None,
+    kinds: Sequence[str] = ("attn", "cross_attn", "mlp", "parallel"),
+) -> LocateResult:
+    """Finds cache sites in `gm`. `paths` maps str(id(module)) -> qualified name, if known.
+
+    With "parallel" in `kinds`, a parallel block's fused attention + MLP output is one site
+    and its attention is not a site of its own; without it, only the attention is cached.
+    """
     g = _Graph(gm, paths)
     result = LocateResult()
-    candidates: dict[str, tuple[str, set[Node]]] = {}  # key -> (kind, cores)
+    # key -> (kind, cores, region); the key is the nn_module_stack key naming the site
+    candidates: dict[str, tuple[str, set[Node], set[Node]]] = {}
 
     attn_cores = [n for n in g.nodes if is_attention_core(n)]
     for core in attn_cores:
@@ -290,19 +199,23 @@ def locate(gm: GraphModule, paths: Mapping[str, str] | None = None) -> LocateRes
             continue
         region = set(g.regions[key])
         kind = "attn"
-        qk = _attention_qk(core)
+        qk = attention_qk(core)
         if qk is not None:
             q_src, k_src = _region_sources(qk[0], region), _region_sources(qk[1], region)
             if q_src and k_src and not (q_src & k_src):
                 kind = "cross_attn"
         prev = candidates.get(key)
-        candidates[key] = (prev[0] if prev else kind, (prev[1] if prev else set()) | {core})
+        cores = (prev[1] if prev else set()) | {core}
+        candidates[key] = (prev[0] if prev else kind, cores, region)
+
+    if "parallel" in kinds:
+        _add_parallel_blocks(g, candidates)
 
     stream = _downstream(attn_cores)
     for l2 in g.nodes:
         if not is_linear(l2):
             continue
-        l1 = _mlp_first_linear(l2)
+        l1 = mlp_first_linear(l2)
         if l1 is None or l1 not in stream:
             continue
         key = g.lca_key(l1, l2)
@@ -314,19 +227,20 @@ def locate(gm: GraphModule, paths: Mapping[str, str] | None = None) -> LocateRes
             )
             continue
         prev = candidates.get(key)
-        candidates[key] = ("mlp", (prev[1] if prev else set()) | {l1, l2})
+        candidates[key] = ("mlp", (prev[1] if prev else set()) | {l1, l2}, set(g.regions[key]))
 
     accepted: list[tuple[str, str, set[Node], list[Node]]] = []
-    for key, (kind, cores) in candidates.items():
-        region = set(g.regions[key])
+    for key, (kind, cores, region) in candidates.items():
+        if kind not in kinds:
+            continue
         outputs, reason = _check_region(g, region, cores)
         if reason is not None:
             result.refused.append(Refusal(g.path(key), kind, reason))
             continue
         accepted.append((key, kind, region, outputs))
 
-    # A region inside another accepted region is cached by the outer one; keep the inner
-    # (smaller) one only if the outer was refused. Overlap between accepted sites is a bug.
+    # Accepted regions never share nodes; should two overlap anyway, the first in graph
+    # order is kept and the other refused, rather than caching one value twice.
     accepted.sort(key=lambda c: g.order[c[3][0]])
     kept: list[tuple[str, str, set[Node], list[Node]]] = []
     for cand in accepted:
@@ -357,3 +271,31 @@ def locate(gm: GraphModule, paths: Mapping[str, str] | None = None) -> LocateRes
             )
         )
     return result
+
+
+def _add_parallel_blocks(
+    g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]]
+) -> None:
+    """Merges an attention and the MLP that shares its output projection into one site."""
+    attn_outputs: dict[Node, str] = {}
+    for key, (kind, _, region) in candidates.items():
+        if kind == "attn":
+            for n in region:
+                if any(u not in region for u in n.users):
+                    attn_outputs[n] = key
+    for l2 in g.nodes:
+        if not is_linear(l2):
+            continue
+        found = parallel_chain(l2, attn_outputs)
+        if found is None:
+            continue
+        chain, l1, reached = found
+        attn_keys = {attn_outputs[n] for n in reached}
+        if len(attn_keys) != 1:
+            continue
+        (attn_key,) = attn_keys
+        block = g.lca_key(l1, l2)
+        if block is None or block == attn_key:
+            continue
+        _, cores, attn_region = candidates.pop(attn_key)
+        candidates[block] = ("parallel", cores | {l1, l2}, attn_region | chain)

@@ -23,7 +23,7 @@ KINDS = {
     "dit": ["attn", "mlp"] * 2,
     "pixart": ["attn", "cross_attn", "mlp"] * 2,
     "sd3": ["attn", "mlp", "mlp", "attn", "mlp"],
-    "flux": ["attn", "mlp", "mlp", "attn"],
+    "flux": ["attn", "mlp", "mlp", "parallel"],
     "timm": ["attn", "mlp"] * 2,
     "timm_xattn": ["attn", "cross_attn", "mlp"] * 2,
 }
@@ -40,10 +40,10 @@ def _captured(name):
 def test_sites_found_by_structure(name):
     case, gm, _ = _captured(name)
     result = locate(gm, module_paths(case.model))
-    assert [s.module_path for s in result.sites] == case.sites
+    assert [s.module_path for s in result.sites] == case.explained
     assert [s.kind for s in result.sites] == KINDS[name]
     # Without the id -> name map the paths come from Dynamo's source text and agree.
-    assert [s.module_path for s in locate(gm).sites] == case.sites
+    assert [s.module_path for s in locate(gm).sites] == case.explained
     # Joint attention (SD3 / Flux double blocks) caches both of its outputs.
     n_out = [len(s.outputs) for s in result.sites]
     if name in ("sd3", "flux"):
@@ -170,3 +170,10 @@ def test_inline_attention_is_refused_not_miscached():
     result = locate(gm)
     assert result.sites == []
     assert [r.module_path for r in result.refused] == ["block"]
+
+
+def test_parallel_block_without_parallel_kind_caches_only_its_attention():
+    case, gm, _ = _captured("flux")
+    sites = locate(gm, module_paths(case.model), kinds=("attn", "cross_attn", "mlp")).sites
+    assert sites[-1].module_path == "single_transformer_blocks.0.attn"
+    assert sites[-1].kind == "attn"

@@ -35,7 +35,7 @@ def test_explain_lists_sites_bytes_and_graphs(dit):
     args, kwargs = case.inputs(0, 0)
     ex = fora_fx.explain(fast, *args, **kwargs, graph=True)
     assert fast._fora_runtime.step == 0  # explain's capture call was undone by a reset
-    assert [s.module_path for s in ex.sites] == case.sites
+    assert [s.module_path for s in ex.sites] == case.explained
     assert ex.cache_bytes == sum(s.nbytes for s in ex.sites) == 4 * 2 * 16 * 32 * 4
     text = str(ex)
     assert "transformer_blocks.0.attn1" in text and "MiB cache" in text

@@ -35,7 +35,14 @@ class Case:
     name: str
     model: nn.Module
     inputs: Callable[[int, int], tuple[tuple, dict]]
-    sites: list[str]
+    sites: list[str]  # modules whose outputs the eager reference caches
+    # what fora_fx.explain lists, where it differs from `sites` (a parallel block is one site
+    # named by its block; the reference caches its output projection, the same value)
+    fora_sites: list[str] | None = None
+
+    @property
+    def explained(self) -> list[str]:
+        return self.fora_sites if self.fora_sites is not None else self.sites
 
 
 # --------------------------------------------------------------------------- helpers
@@ -239,9 +246,12 @@ def build_flux(batch: int = BATCH) -> Case:
         "transformer_blocks.0.attn",  # returns (img_out, ctx_out)
         "transformer_blocks.0.ff",
         "transformer_blocks.0.ff_context",
-        "single_transformer_blocks.0.attn",  # pre_only: one tensor, no output projection
+        # parallel block: attn (pre_only) and proj_mlp -> act_mlp are concatenated into
+        # proj_out, whose output (before the gate) is the cache point
+        "single_transformer_blocks.0.proj_out",
     ]
-    return Case("flux", model, inputs, sites)
+    fora_sites = sites[:3] + ["single_transformer_blocks.0"]
+    return Case("flux", model, inputs, sites, fora_sites)
 
 
 # --------------------------------------------------------------------------- timm-style DiT

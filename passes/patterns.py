@@ -1,0 +1,169 @@
+"""Graph patterns the locator looks for, as plain predicates on FX nodes.
+
+Each pattern names the models it was written from. They match the torch-level calls Dynamo
+records (F.linear, F.scaled_dot_product_attention, ...), both as functions and as methods.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
+_MATMUL = {torch.matmul, torch.bmm, torch.baddbmm, operator.matmul, "matmul", "bmm", "baddbmm"}
+_LINEAR = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+_ACTIVATIONS = {
+    F.gelu, F.silu, F.relu, F.mish, torch.tanh, torch.sigmoid, F.sigmoid, F.tanh,
+    "gelu", "silu", "relu", "tanh", "sigmoid",
+}
+# Ops allowed between the two Linears of an MLP besides activations (GEGLU splits and
+# multiplies; dropout and casts are identities at inference).
+_MLP_GLUE = {
+    F.dropout, operator.getitem, operator.mul, torch.mul, torch.chunk,
+    "chunk", "to", "float", "half", "contiguous", "type_as", "mul",
+}
+
+
+# Between the two Linears of a parallel block (Flux single blocks) the MLP half is
+# concatenated with the attention output before the shared output projection.
+_CAT = {torch.cat, torch.concat, "cat"}
+
+
+def _matches(node: Node, table: set) -> bool:
+    if node.op == "call_function":
+        return node.target in table
+    if node.op == "call_method":
+        return node.target in table
+    return False
+
+
+def is_attention_core(node: Node) -> bool:
+    """SDPA (diffusers AttnProcessor2_0, timm) or softmax -> matmul (diffusers AttnProcessor)."""
+    if _matches(node, _SDPA):
+        return True
+    if _matches(node, _SOFTMAX):
+        return any(_matches(u, _MATMUL) for u in _skip_identities(node.users))
+    return False
+
+
+def _skip_identities(nodes: Iterable[Node]) -> list[Node]:
+    out: list[Node] = []
+    for n in nodes:
+        if _matches(n, {F.dropout, "to", "float", "half"}):
+            out.extend(_skip_identities(n.users))
+        else:
+            out.append(n)
+    return out
+
+
+def is_linear(node: Node) -> bool:
+    return _matches(node, _LINEAR)
+
+
+def is_parameter(node: Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    if node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"):
+        return True
+    return isinstance(node.meta.get("example_value"), torch.nn.Parameter)
+
+
+def attention_qk(core: Node) -> tuple[Node, Node] | None:
+    if _matches(core, _SDPA):
+        args = list(core.args) + [None, None]
+        q = args[0] if args[0] is not None else core.kwargs.get("query")
+        k = args[1] if args[1] is not None else core.kwargs.get("key")
+    else:  # softmax(matmul(q, k^T)) or softmax(baddbmm(bias, q, k^T))
+        src = core.args[0]
+        while isinstance(src, Node) and not _matches(src, _MATMUL):
+            ins = [a for a in src.all_input_nodes if not is_parameter(a)]
+            if len(ins) != 1:
+                return None
+            src = ins[0]
+        if not isinstance(src, Node):
+            return None
+        ops = [a for a in src.args if isinstance(a, Node)]
+        q, k = (ops[-2], ops[-1]) if len(ops) >= 2 else (None, None)
+    if isinstance(q, Node) and isinstance(k, Node):
+        return q, k
+    return None
+
+
+def mlp_first_linear(l2: Node) -> Node | None:
+    """The Linear feeding `l2` through activation / glue ops only, or None.
+
+    diffusers FeedForward (proj -> GELU / GEGLU -> dropout -> Linear), timm Mlp (fc1 -> GELU
+    -> fc2), timestep embedders (linear_1 -> SiLU -> linear_2; the locator drops those).
+    """
+    x = l2.args[0] if l2.args else None
+    if not isinstance(x, Node):
+        return None
+    sources: set[Node] = set()
+    saw_activation = False
+    todo, seen = [x], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_linear(n):
+            sources.add(n)
+            continue
+        if _matches(n, _ACTIVATIONS):
+            saw_activation = True
+        elif not _matches(n, _MLP_GLUE):
+            return None
+        todo.extend(a for a in n.all_input_nodes if not is_parameter(a))
+        if len(seen) > 16:
+            return None
+    if saw_activation and len(sources) == 1:
+        return sources.pop()
+    return None
+
+
+def parallel_chain(
+    l2: Node, attention_outputs: Iterable[Node]
+) -> tuple[set[Node], Node, set[Node]] | None:
+    """A parallel block's fused output projection, or None.
+
+    Flux single blocks: proj_out(cat([attn(x), act_mlp(proj_mlp(x))])) with the gate applied
+    outside. Returns (the nodes between the attention outputs / first Linear and `l2`,
+    inclusive of both Linears; the first Linear; the attention outputs reached).
+    """
+    outs = set(attention_outputs)
+    x = l2.args[0] if l2.args else None
+    if not isinstance(x, Node):
+        return None
+    chain, firsts, reached = {l2}, set(), set()
+    saw_cat = saw_activation = False
+    todo = [x]
+    while todo:
+        n = todo.pop()
+        if n in chain or n in reached:
+            continue
+        if n in outs:
+            reached.add(n)
+            continue
+        chain.add(n)
+        if is_linear(n):
+            firsts.add(n)
+            continue
+        if _matches(n, _CAT):
+            saw_cat = True
+        elif _matches(n, _ACTIVATIONS):
+            saw_activation = True
+        elif not _matches(n, _MLP_GLUE):
+            return None
+        todo.extend(a for a in n.all_input_nodes if not is_parameter(a))
+        if len(chain) > 24:
+            return None
+    if saw_cat and saw_activation and len(firsts) == 1 and reached:
+        return chain, firsts.pop(), reached
+    return None
