@@ -61,7 +61,7 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torc
     x = noise
     for t, (a_t, a_next) in zip(timesteps, alphas, strict=True):
         x_in = torch.cat([x, x])  # [2B, 4, 16, 16]
-        t_batch = t.expand(x_in.shape[0])  # [2B] int64: a tensor, so Dynamo does not specialize
+        t_batch = t.expand(x_in.shape[0])  # [2B] int64 tensor: no recompile per timestep value
         out = model(x_in, timestep=t_batch, class_labels=y).sample  # [2B, 8, 16, 16]
         eps = out[:, :4]  # [2B, 4, 16, 16]; channels 4..7 are the learned sigma, unused by DDIM
         eps_c, eps_u = eps.chunk(2)  # [B, 4, 16, 16] each

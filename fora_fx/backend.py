@@ -15,7 +15,15 @@ from torch.fx import GraphModule
 
 from .compile import compile_variant
 from .config import ForaConfig
-from .passes import LocateResult, clone, elide_loads, locate, specialize, verify
+from .passes import (
+    LocateResult,
+    clone,
+    elide_loads,
+    locate,
+    lower_stores,
+    specialize,
+    verify,
+)
 from .runtime import BufferSpec, CompiledPair, active_paths
 
 
@@ -57,7 +65,9 @@ def build_pair(
     verify(gm, refresh, sites, refresh=True)
     verify(gm, reuse, sites, refresh=False)
     graphs = {"refresh": clone(refresh), "reuse": clone(reuse)}
-    elide_loads(reuse)
+    if config.compiler != "eager":  # eager runs the ops as written, for debugging
+        lower_stores(refresh)
+        elide_loads(reuse)
 
     specs = _buffer_specs(gm, sites)
     for variant in (refresh, reuse):

@@ -8,7 +8,7 @@
 
 from .locate import locate, normalize_path
 from .sites import LocateResult, Refusal, Site
-from .specialize import buffer_names, clone, elide_loads, specialize
+from .specialize import buffer_names, clone, elide_loads, lower_stores, specialize
 from .verify import GraphInvariantError, verify
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "clone",
     "elide_loads",
     "locate",
+    "lower_stores",
     "normalize_path",
     "specialize",
     "verify",

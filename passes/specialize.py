@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..ops import LOAD, STORE
@@ -104,6 +105,28 @@ def specialize(gm: GraphModule, sites: Sequence[Site], refresh: bool) -> GraphMo
     graph.lint()
     new.recompile()
     return new
+
+
+def lower_stores(gm: GraphModule) -> int:
+    """Replaces each fora::store by an in-place aten copy_ into the buffer, for compiling.
+
+    The store op is what the rewritten graph shows and what verify() checks; as an opaque
+    custom op it would also be an unfusable call per site per refresh step (measured ~73 us
+    each on CPU, examples/demo.py). An aten copy_ into a graph input is functionalized by
+    AOTAutograd into a write Inductor can fuse with the op producing the value. Shapes and
+    dtypes were already checked: the buffer is allocated from the output's own metadata.
+    """
+    graph = gm.graph
+    lowered = 0
+    for node in list(graph.find_nodes(op="call_function", target=STORE)):
+        with graph.inserting_before(node):
+            copy = graph.call_function(torch.ops.aten.copy_.default, node.args)
+        copy.meta.update(node.meta)
+        graph.erase_node(node)
+        lowered += 1
+    graph.lint()
+    gm.recompile()
+    return lowered
 
 
 def elide_loads(gm: GraphModule) -> int:
