@@ -22,3 +22,11 @@ def test_quickstart_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fora_fx: 4 cached sites" in proc.stdout
     assert "10 calls: 4 recomputed, 6 reused" in proc.stdout
+
+
+def test_demo_quick_runs_and_reproduces_baseline_at_interval_1():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--quick",
+                           "--repeats", "1"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK: interval=1 reproduces the baseline" in proc.stdout
