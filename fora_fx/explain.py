@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,16 @@ class Explanation:
         return "\n".join(lines)
 
 
+def readable(code: str) -> str:
+    """GraphModule code without Dynamo's input aliases and `x = None` frees."""
+    out = []
+    for line in code.splitlines():
+        if re.fullmatch(r"\s+\w+ = L_\w+", line) or not line.strip():
+            continue
+        out.append(re.sub(r";\s+[\w\s=]+ = None$", "", line))
+    return "\n".join(out)
+
+
 def _pairs(obj: Any) -> list[CompiledPair]:
     return [p for rt in runtimes(obj) for p in rt.pairs]
 
@@ -70,6 +81,6 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         calls=sum(rt.stats.calls for rt in runtimes(obj)),
         refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),
         reuses=sum(rt.stats.reuses for rt in runtimes(obj)),
-        graphs={k: g.code for k, g in pair.graphs.items()},
+        graphs={k: readable(g.code) for k, g in pair.graphs.items()},
         show_graphs=graph,
     )

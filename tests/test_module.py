@@ -137,3 +137,26 @@ def test_many_models_of_one_class_exceed_no_recompile_limit():
     for m in models:
         assert m(*toy.inputs(1)).item() == toy.recomputed(1)
         assert m(*toy.inputs(2)).item() == toy.reused(2, 1)
+
+
+GOLDEN_REUSE = """\
+    t = l_t_.view(-1, 1, 1, 1)
+    h = l_x_ * t
+    fora_load_attn_0 = torch.ops.fora.load.default(fora_cache_attn_0)
+    mul_1 = t * fora_load_attn_0
+    h1 = h + mul_1
+    fora_load_mlp_0 = torch.ops.fora.load.default(fora_cache_mlp_0)
+    add_1 = h1 + fora_load_mlp_0
+    return (add_1,)"""
+
+
+def test_golden_rewritten_toy_graphs():
+    fast = fora_fx.transform(toy.Toy(), interval=3, compiler="eager")
+    ex = fora_fx.explain(fast, *toy.inputs(1), graph=True)
+    reuse = ex.graphs["reuse"].split("\n", 1)[1]  # drop the `def forward(...)` line
+    assert reuse == GOLDEN_REUSE
+    refresh = ex.graphs["refresh"]
+    assert "fora_store_attn_0 = torch.ops.fora.store.default(fora_cache_attn_0, " \
+           "scaled_dot_product_attention)" in refresh
+    assert "fora_store_mlp_0 = torch.ops.fora.store.default(fora_cache_mlp_0, linear_1)" \
+           in refresh
