@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -9,7 +11,9 @@ import torch
 from .backend import backend
 from .capture import module_paths
 from .config import ForaConfig
+from .pipelines import is_pipeline, restore_pipeline, transform_pipeline
 from .runtime import Runtime, active, runtimes_of
+from .steps import PipelineSteps
 
 # nn.Module methods that must act on the wrapped model, so the wrapper is a drop-in:
 # same parameters, same state_dict keys, same train/eval and device moves.
@@ -29,9 +33,11 @@ class ForaModule(torch.nn.Module):
     inference method and its caches carry no autograd history.
     """
 
-    def __init__(self, model: torch.nn.Module, config: ForaConfig):
+    def __init__(
+        self, model: torch.nn.Module, config: ForaConfig, source: PipelineSteps | None = None
+    ):
         super().__init__()
-        runtime = Runtime(config)
+        runtime = Runtime(config, source)
         paths = module_paths(model)
         # Stored outside _modules so that state_dict keys keep no wrapper prefix.
         self.__dict__["_fora_model"] = model
@@ -54,6 +60,17 @@ class ForaModule(torch.nn.Module):
                 limit = max(torch._dynamo.config.recompile_limit, 64)
                 with torch._dynamo.config.patch(recompile_limit=limit):
                     return self._fora_compiled(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """Calls inside use the cache of guidance branch `name` (diffusers' API: Flux true
+        CFG runs `with transformer.cache_context("cond"): ...` and then "uncond")."""
+        runtime = self._fora_runtime
+        previous, runtime.context = runtime.context, str(name)
+        try:
+            yield
+        finally:
+            runtime.context = previous
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -96,9 +113,10 @@ def transform(
     """
     if isinstance(model, ForaModule):
         raise TypeError("fora_fx.transform: this model is already transformed")
-    if not isinstance(model, torch.nn.Module):
+    if not isinstance(model, torch.nn.Module) and not is_pipeline(model):
         raise TypeError(
-            f"fora_fx.transform expects a torch.nn.Module, got {type(model).__name__}"
+            "fora_fx.transform expects a torch.nn.Module or a diffusers pipeline, got "
+            f"{type(model).__name__}"
         )
     if isinstance(config, int) and not isinstance(config, bool):
         config = ForaConfig(interval=config)
@@ -110,12 +128,19 @@ def transform(
         )
     elif options:
         config = config.replace(**options)
+    if is_pipeline(model):
+        return transform_pipeline(model, config, ForaModule)
     return ForaModule(model, config)
 
 
 def runtimes(obj: Any) -> list[Runtime]:
     if isinstance(obj, ForaModule):
         return [obj._fora_runtime]
+    if is_pipeline(obj):
+        fast = getattr(obj, "transformer", None)
+        if isinstance(fast, ForaModule):
+            return [fast._fora_runtime]
+        raise TypeError(f"{type(obj).__name__} was not transformed by fora_fx.transform")
     orig = getattr(obj, "_orig_mod", None)  # torch.compile(...) of a module
     if isinstance(orig, torch.nn.Module):
         return runtimes_of(orig)
@@ -134,7 +159,10 @@ def reset(obj: Any) -> None:
 
 
 def restore(obj: Any) -> Any:
-    """Frees the caches. For a ForaModule, returns the original, untouched model."""
+    """Frees the caches. For a ForaModule, returns the original, untouched model; for a
+    pipeline, puts its original transformer back and returns the pipeline."""
+    if is_pipeline(obj):
+        return restore_pipeline(obj)
     for rt in runtimes(obj):
         rt.release()
     if isinstance(obj, ForaModule):

@@ -71,11 +71,15 @@ class ForaConfig:
         if self.mode not in MODES:
             raise ValueError(f"ForaConfig.mode must be one of {MODES}, got {self.mode!r}")
 
-    def refreshes(self, step: int) -> bool:
-        """True iff step `step` (0-based, within a generation) recomputes every site."""
+    def refreshes(self, step: int, num_steps: int | None = None) -> bool:
+        """True iff step `step` (0-based, within a generation) recomputes every site.
+
+        `num_steps` overrides the configured one (a pipeline's scheduler knows it per call).
+        """
         if step < self.warmup_steps or step % self.interval == 0:
             return True
-        return self.num_steps is not None and self.refresh_last and step == self.num_steps - 1
+        n = self.num_steps if num_steps is None else num_steps
+        return n is not None and self.refresh_last and step == n - 1
 
     def replace(self, **changes: Any) -> ForaConfig:
         return dataclasses.replace(self, **changes)

@@ -23,6 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ForaConfig
 from .passes import LocateResult, Site
+from .steps import PipelineSteps
 
 
 @dataclass(frozen=True)
@@ -84,26 +85,83 @@ class Stats:
     history: list[bool] = field(default_factory=list)  # per call: True = refreshed (last 4096)
 
 
-class Runtime:
-    """Step counter, schedule, cache buffers and cache validity for one transformed model."""
+@dataclass
+class Branch:
+    """Cache state of one guidance branch (e.g. "cond" / "uncond" calls within a step)."""
 
-    def __init__(self, config: ForaConfig):
+    owner: CompiledPair | None = None  # whose buffers hold this generation's cache
+    buffers: dict[CompiledPair, list[torch.Tensor]] = field(default_factory=dict)
+    calls: int = 0  # calls in this generation: the step index when nothing else says
+
+
+DEFAULT_BRANCH = "default"
+
+
+class Runtime:
+    """Step position, schedule, cache buffers and cache validity for one transformed model.
+
+    Branches: calls named by `cache_context(name)` use that name's cache; with a step index
+    from a scheduler, the k-th call within one denoising step is branch "call<k>" (a pipeline
+    that calls the transformer twice per step gets two caches, never a mixed one); otherwise
+    every call is the one "default" branch.
+    """
+
+    def __init__(self, config: ForaConfig, source: PipelineSteps | None = None):
         self.config = config
-        self.step = 0
+        self.source = source
+        self.branches: dict[str, Branch] = {}
+        self.context: str | None = None  # set by ForaModule.cache_context
         self.generation = 0
-        self.owner: CompiledPair | None = None  # whose buffers hold this generation's cache
-        self.buffers: dict[CompiledPair, list[torch.Tensor]] = {}
         self.released = False
         self.stats = Stats()
+        self._token: object = None  # the source's generation marker
+        self._step_key: int | None = None  # step index of the previous call
+        self._calls_this_step = 0
         self._lock = threading.Lock()
 
     @property
+    def step(self) -> int:
+        """The step the next call of the default branch would run (counted steps)."""
+        branch = self.branches.get(DEFAULT_BRANCH)
+        return branch.calls if branch else 0
+
+    @property
     def pairs(self) -> list[CompiledPair]:
-        return list(self.buffers)
+        seen: dict[CompiledPair, None] = {}
+        for branch in self.branches.values():
+            seen.update(dict.fromkeys(branch.buffers))
+        return list(seen)
 
     @property
     def cache_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for bufs in self.buffers.values() for b in bufs)
+        return sum(
+            b.numel() * b.element_size()
+            for branch in self.branches.values()
+            for bufs in branch.buffers.values()
+            for b in bufs
+        )
+
+    def _position(self) -> tuple[Branch, int, int | None]:
+        num_steps = self.config.num_steps
+        step: int | None = None
+        if self.source is not None:
+            token, step, n = self.source.position()
+            if token is not self._token:  # a new pipeline call: a new generation
+                self.reset()
+                self._token = token
+            if n is not None:
+                num_steps = n
+        if self.context is not None:
+            name = self.context
+        elif step is not None:
+            if step != self._step_key:
+                self._step_key, self._calls_this_step = step, 0
+            name = f"call{self._calls_this_step}"
+            self._calls_this_step += 1
+        else:
+            name = DEFAULT_BRANCH
+        branch = self.branches.setdefault(name, Branch())
+        return branch, (step if step is not None else branch.calls), num_steps
 
     def run(self, pair: CompiledPair, args: Sequence[Any]) -> Any:
         if self.released:
@@ -115,48 +173,52 @@ class Runtime:
                 "(another thread?). FORA state is per generation; use one transformed model "
                 "per thread (fora_fx.transform each copy)."
             )
+        branch: Branch | None = None
         try:
-            buffers = self.buffers.get(pair)
+            branch, step, num_steps = self._position()
+            buffers = branch.buffers.get(pair)
             if buffers is None:
-                buffers = self.buffers[pair] = [s.allocate() for s in pair.specs]
+                buffers = branch.buffers[pair] = [s.allocate() for s in pair.specs]
             # A graph other than the owner (new shape / dtype / device) has no valid cache.
-            refresh = self.config.refreshes(self.step) or self.owner is not pair
+            refresh = self.config.refreshes(step, num_steps) or branch.owner is not pair
             if refresh:
-                self.owner = None  # a refresh that raises half-way leaves no valid cache
+                branch.owner = None  # a refresh that raises half-way leaves no valid cache
                 out = pair.refresh(*args, *buffers)
-                self.owner = pair
+                branch.owner = pair
             else:
                 out = pair.reuse(*args, *buffers)
         except BaseException:
-            self.owner = None
+            if branch is not None:
+                branch.owner = None
             raise
         else:
-            self._advance(refresh)
+            self._advance(branch, refresh, num_steps)
         finally:
             self._lock.release()
         return out
 
-    def _advance(self, refreshed: bool) -> None:
+    def _advance(self, branch: Branch, refreshed: bool, num_steps: int | None) -> None:
         s = self.stats
         s.calls += 1
         s.refreshes += refreshed
         s.reuses += not refreshed
         s.history.append(refreshed)
         del s.history[:-4096]
-        self.step += 1
-        if self.config.num_steps is not None and self.step >= self.config.num_steps:
-            self.reset()
+        branch.calls += 1
+        if self.source is None and num_steps is not None and branch.calls >= num_steps:
+            branch.calls, branch.owner = 0, None  # counted steps wrap: a new generation
 
     def reset(self) -> None:
         """The next call is step 0 of a new generation; no cached value is read again."""
-        self.step = 0
         self.generation += 1
-        self.owner = None
+        for branch in self.branches.values():
+            branch.calls, branch.owner = 0, None
+        self._step_key, self._calls_this_step = None, 0
 
     def release(self) -> None:
         """Frees every cache buffer (fora_fx.restore); later calls raise."""
         self.reset()
-        self.buffers = {}
+        self.branches = {}
         self.released = True
 
 
