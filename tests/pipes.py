@@ -388,7 +388,9 @@ def build_flux_true_cfg() -> PipeCase:
 
 # --------------------------------------------------------------------------- registry
 
-
+# PixArt, SD3 and Flux pipelines are diffusers "torch and transformers" objects: without the
+# `transformers` package diffusers exports dummy classes that raise ImportError when built,
+# even with every text encoder / tokenizer set to None.  DiT needs only torch.
 PIPES: dict[str, Callable[[], PipeCase]] = {
     "dit": build_dit,
     "pixart_alpha": build_pixart_alpha,

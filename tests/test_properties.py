@@ -3,6 +3,8 @@ sequences against the toy's closed-form oracle."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import toy
 from hypothesis import given, settings
@@ -56,52 +58,65 @@ def test_random_transformers_match_reference(
 
 
 class ToySequences(RuleBasedStateMachine):
-    """Steps, resets, batch-size changes and failing calls, checked exactly."""
+    """Steps, guidance branches, resets, batch-size changes, failing calls, and two models
+    interleaved, each checked exactly against a closed-form oracle per (model, branch)."""
 
     config = ForaConfig(interval=3, compiler="eager")
-    _models: dict[ForaConfig, fora_fx.ForaModule] = {}
+    _models: dict[ForaConfig, list[fora_fx.ForaModule]] = {}
 
     @initialize()
     def start(self):
         if self.config not in self._models:  # one capture per config, shared by examples
-            self._models[self.config] = fora_fx.transform(toy.Toy(), self.config)
-        self.model = self._models[self.config]
-        fora_fx.reset(self.model)
-        self.step, self.owner, self.cached_t = 0, None, None
+            self._models[self.config] = [fora_fx.transform(toy.Toy(), self.config)
+                                         for _ in range(2)]
+        self.models = self._models[self.config]
+        self.oracle: list[dict[str, list]] = [{}, {}]  # branch -> [calls, owner batch, t]
+        for m in self.models:
+            fora_fx.reset(m)
 
-    @rule(t=st.integers(1, 9), batch=st.sampled_from([1, 1, 1, 2]))
-    def call(self, t, batch):
-        refresh = self.config.refreshes(self.step) or batch != self.owner
-        out = self.model(*toy.inputs(t, batch)).flatten().tolist()
+    @rule(m=st.integers(0, 1), t=st.integers(1, 9), batch=st.sampled_from([1, 1, 1, 2]),
+          branch=st.sampled_from([None, None, "cond", "uncond"]))
+    def call(self, m, t, batch, branch):
+        state = self.oracle[m].setdefault(branch or "default", [0, None, None])
+        calls, owner, cached_t = state
+        refresh = self.config.refreshes(calls) or batch != owner
+        model = self.models[m]
+        ctx = model.cache_context(branch) if branch else contextlib.nullcontext()
+        with ctx:
+            out = model(*toy.inputs(t, batch)).flatten().tolist()
         if refresh:
             expected = toy.recomputed(t)
-            self.owner, self.cached_t = batch, t
+            owner, cached_t = batch, t
         else:
-            expected = toy.reused(t, self.cached_t)
+            expected = toy.reused(t, cached_t)
         assert out == [expected] * batch
-        self.step += 1
-        if self.config.num_steps is not None and self.step == self.config.num_steps:
-            self.step, self.owner = 0, None
+        calls += 1
+        if self.config.num_steps is not None and calls == self.config.num_steps:
+            calls, owner = 0, None
+        self.oracle[m][branch or "default"] = [calls, owner, cached_t]
 
-    @rule()
-    def reset(self):
-        fora_fx.reset(self.model)
-        self.step, self.owner = 0, None
+    @rule(m=st.integers(0, 1))
+    def reset(self, m):
+        fora_fx.reset(self.models[m])
+        for state in self.oracle[m].values():
+            state[0], state[1] = 0, None
 
-    @rule()
-    def bad_call(self):
+    @rule(m=st.integers(0, 1))
+    def bad_call(self, m):
         x, t = toy.inputs(1)
         try:
-            self.model(x.expand(1, 1, 1, 2), t)  # width 2 into Linear(1, 1): must raise
+            self.models[m](x.expand(1, 1, 1, 2), t)  # width 2 into Linear(1, 1): must raise
         except Exception:
             pass
         else:
             raise AssertionError("a bad input did not raise")
 
     @invariant()
-    def counter_agrees(self):
-        if hasattr(self, "model"):
-            assert self.model._fora_runtime.step == self.step
+    def counters_agree(self):
+        if hasattr(self, "models"):
+            for m, model in enumerate(self.models):
+                default = self.oracle[m].get("default", [0])
+                assert model._fora_runtime.step == default[0]
 
 
 class ToySequencesWrapping(ToySequences):
@@ -111,4 +126,4 @@ class ToySequencesWrapping(ToySequences):
 TestToySequences = ToySequences.TestCase
 TestToySequencesWrapping = ToySequencesWrapping.TestCase
 for _case in (TestToySequences, TestToySequencesWrapping):
-    _case.settings = settings(max_examples=20, stateful_step_count=12)
+    _case.settings = settings(max_examples=25, stateful_step_count=15)

@@ -1,0 +1,80 @@
+"""Unmodified diffusers pipelines (tiny random configs): interval=1 equals the untransformed
+pipeline; interval=3 equals an eager FORA reference with per-branch caches, over several
+consecutive calls with different seeds and prompts."""
+
+from __future__ import annotations
+
+from pipes import PIPES, make_pipe, output_tensor
+
+import pytest
+import torch
+from reference_pipeline import PipelineEagerFora
+
+import fora_fx
+
+SEEDS = (0, 1, 2)
+
+
+def _run(pipe, case, seeds=SEEDS):
+    with torch.no_grad():
+        return [output_tensor(pipe(**case.call(s))) for s in seeds]
+
+
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_interval_1_equals_untransformed_pipeline(name):
+    case = make_pipe(name)
+    expected = _run(case.pipe, case)
+    pipe = fora_fx.transform(case.pipe, interval=1, compiler="eager")
+    got = _run(pipe, case)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    runtime = pipe.transformer._fora_runtime
+    assert runtime.stats.calls == len(SEEDS) * 8 * case.calls_per_step
+    assert runtime.stats.reuses == 0
+    fora_fx.restore(pipe)
+
+
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_interval_3_equals_eager_reference(name):
+    case = make_pipe(name)
+    plain = _run(case.pipe, case, seeds=SEEDS[:1])
+
+    ref = PipelineEagerFora(case.pipe, case.sites, interval=3)
+    expected = _run(ref, case)
+    ref_log = list(ref.log)
+    ref.remove()
+
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
+    got = _run(pipe, case)
+    runtime = pipe.transformer._fora_runtime
+    fora_fx.restore(pipe)
+
+    for k, (e, g) in enumerate(zip(expected, got, strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"pipeline call {k}")
+    assert runtime.stats.history == [refreshed for _, _, refreshed in ref_log]
+    # 8 steps: steps 0, 3, 6 and the last (7) recompute, per branch, per call.
+    per_call = [True, False, False, True, False, False, True, True]
+    branches = sorted({b for b, _, _ in ref_log})
+    assert len(branches) == case.calls_per_step
+    for b in branches:
+        assert [r for br, _, r in ref_log if br == b] == per_call * len(SEEDS)
+    assert not torch.allclose(got[0], plain[0])  # caching changed something
+
+
+def test_true_cfg_branches_are_named_by_cache_context():
+    case = make_pipe("flux_true_cfg")
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
+    _run(pipe, case, seeds=(0,))
+    assert sorted(pipe.transformer._fora_runtime.branches) == ["cond", "uncond"]
+    fora_fx.restore(pipe)
+
+
+def test_skip_layer_guidance_call_gets_its_own_branch():
+    case = make_pipe("sd3_slg")
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
+    _run(pipe, case, seeds=(0,))
+    runtime = pipe.transformer._fora_runtime
+    assert sorted(runtime.branches) == ["call0", "call1"]
+    # The skip-layer call has half the batch: its own graph, its own buffers.
+    assert len(runtime.pairs) == 2
+    fora_fx.restore(pipe)
