@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,12 @@ class ForaModule(torch.nn.Module):
         self, model: torch.nn.Module, config: ForaConfig, source: PipelineSteps | None = None
     ):
         super().__init__()
+        if model.training:
+            warnings.warn(
+                f"fora_fx.transform: {type(model).__name__} is in training mode (dropout, label "
+                "dropout active); FORA is an inference method. Call model.eval() first.",
+                stacklevel=3,
+            )
         runtime = Runtime(config, source)
         paths = module_paths(model)
         # Stored outside _modules so that state_dict keys keep no wrapper prefix.

@@ -16,6 +16,7 @@ class Explanation:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     cache_bytes: int = 0
+    graphs_compiled: int = 0  # one per input signature (shapes, dtypes, branch graphs)
     calls: int = 0  # model calls so far, and how many of them recomputed / reused
     refreshes: int = 0
     reuses: int = 0
@@ -25,7 +26,8 @@ class Explanation:
     def __str__(self) -> str:
         mib = self.cache_bytes / 2**20
         lines = [
-            f"fora_fx: {len(self.sites)} cached sites, {mib:.2f} MiB cache; {self.calls} calls: "
+            f"fora_fx: {len(self.sites)} cached sites, {mib:.2f} MiB cache, "
+            f"{self.graphs_compiled} graph(s); {self.calls} calls: "
             f"{self.refreshes} recomputed, {self.reuses} reused"
         ]
         w = max((len(s.module_path) for s in self.sites), default=10)
@@ -73,10 +75,21 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
             raise TypeError("fora_fx.explain(model, inputs) needs a transformed or compiled model")
         obj(*args, **kwargs)
         reset(obj)
-    pair = _pairs(obj)[-1]  # the graph of the latest new input shapes
+    # Every compiled graph (input shapes, guidance branches such as SD3's skip-layer call,
+    # which skips whole blocks) contributes its sites; each module is listed once.
+    pairs = _pairs(obj)
+    sites: dict[str, Site] = {}
+    refused: dict[tuple[str, str], Refusal] = {}
+    for p in pairs:
+        for s in p.sites:
+            sites.setdefault(s.module_path, s)
+        for r in p.located.refused:
+            refused.setdefault((r.module_path, r.reason), r)
+    pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
     return Explanation(
-        sites=list(pair.sites),
-        refused=list(pair.located.refused),
+        sites=list(sites.values()),
+        refused=list(refused.values()),
+        graphs_compiled=len(pairs),
         cache_bytes=sum(rt.cache_bytes for rt in runtimes(obj)),
         calls=sum(rt.stats.calls for rt in runtimes(obj)),
         refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),

@@ -30,3 +30,14 @@ def test_demo_quick_runs_and_reproduces_baseline_at_interval_1():
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK: interval=1 reproduces the baseline" in proc.stdout
+
+
+def test_pipeline_examples_run_for_every_family():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "pipelines.py"),
+                           "--compiler", "eager"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for family in ("DiTPipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline",
+                   "FluxPipeline"):
+        assert f": {family}" in proc.stdout
+    assert proc.stdout.strip().endswith("OK")

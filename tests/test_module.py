@@ -160,3 +160,33 @@ def test_golden_rewritten_toy_graphs():
            "scaled_dot_product_attention)" in refresh
     assert "fora_store_mlp_0 = torch.ops.fora.store.default(fora_cache_mlp_0, linear_1)" \
            in refresh
+
+
+def test_training_mode_warns():
+    model = toy.Toy().train()
+    with pytest.warns(UserWarning, match=r"training mode.*model.eval\(\)"):
+        fora_fx.transform(model)
+
+
+def test_dtype_change_recomputes():
+    fast = fora_fx.transform(toy.Toy(), interval=3, compiler="eager")  # float64
+    assert fast(*toy.inputs(1)).item() == toy.recomputed(1)
+    assert fast(*toy.inputs(2)).item() == toy.reused(2, 1)
+    fast.to(torch.float32)  # step 2 would reuse, but the float32 graph has no valid cache
+    x, t = (a.float() for a in toy.inputs(3))
+    out = fast(x, t)
+    assert out.dtype == torch.float32 and out.item() == toy.recomputed(3)
+    assert fast._fora_runtime.stats.history == [True, False, True]
+
+
+def test_deleting_the_model_frees_its_cache():
+    import gc
+    import weakref
+
+    fast = fora_fx.transform(toy.Toy(), interval=2, compiler="eager")
+    fast(*toy.inputs(1))
+    (buffers,) = fast._fora_runtime.branches["default"].buffers.values()
+    refs = [weakref.ref(b) for b in buffers]
+    del fast, buffers
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -42,6 +42,7 @@ class Toy(nn.Module):
         super().__init__()
         self.attn = ToyAttention()
         self.mlp = ToyMlp()
+        self.eval()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # x: [B, 1, 1, 1] float64 ones; t: [B] float64 (the step's "timestep")
