@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from zoo import _finish, _gen, _randn  # the same deterministic helpers as the model zoo
 
 STEPS = 8
 BATCH = 2  # images per pipeline call
@@ -46,30 +47,6 @@ class PipeCase:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=g, dtype=torch.float32)
-
-
-def _rerandomize_zeros(model: nn.Module, std: float = 0.05) -> nn.Module:
-    """Give every all-zero parameter small random values (zero-init gates, biases, ...)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 0 and not bool(p.ne(0).any()):
-                p.normal_(0.0, std)
-    return model
-
-
-def _finish(model: nn.Module) -> nn.Module:
-    _rerandomize_zeros(model)
-    return model.float().eval()
 
 
 def _vae(latent_channels: int = LATENT_CH, **config: Any) -> nn.Module:
