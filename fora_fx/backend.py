@@ -21,6 +21,7 @@ from .passes import (
     elide_loads,
     locate,
     lower_stores,
+    prune_chunked_linears,
     specialize,
     verify,
 )
@@ -62,6 +63,7 @@ def build_pair(
         )
     refresh = specialize(gm, sites, refresh=True)
     reuse = specialize(gm, sites, refresh=False)
+    pruned = prune_chunked_linears(reuse)  # adaLN: only the gates are live on reuse steps
     verify(gm, refresh, sites, refresh=True)
     verify(gm, reuse, sites, refresh=False)
     graphs = {"refresh": clone(refresh), "reuse": clone(reuse)}
@@ -83,6 +85,7 @@ def build_pair(
         sites=sites,
         graphs=graphs,
         param_index=params[0] if params else None,
+        pruned=pruned,
     )
 
 

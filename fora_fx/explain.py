@@ -16,6 +16,7 @@ class Explanation:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     cache_bytes: int = 0
+    pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
     graphs_compiled: int = 0  # one per input signature (shapes, dtypes, branch graphs)
     calls: int = 0  # model calls so far, and how many of them recomputed / reused
     refreshes: int = 0
@@ -36,6 +37,8 @@ class Explanation:
             lines.append(
                 f"  {s.name:<14} {s.module_path:<{w}}  {s.kind:<10} [{shapes}] {s.nbytes} B"
             )
+        if self.pruned:
+            lines.append(f"reuse graph: {self.pruned} chunked Linear(s) narrowed to live chunks")
         if self.refused:
             lines.append("not cached:")
             lines += [f"  {r.module_path} ({r.kind}): {r.reason}" for r in self.refused]
@@ -90,6 +93,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         sites=list(sites.values()),
         refused=list(refused.values()),
         graphs_compiled=len(pairs),
+        pruned=pair.pruned,
         cache_bytes=sum(rt.cache_bytes for rt in runtimes(obj)),
         calls=sum(rt.stats.calls for rt in runtimes(obj)),
         refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),

@@ -51,6 +51,7 @@ class CompiledPair:
         sites: Sequence[Site],
         graphs: dict[str, GraphModule],
         param_index: int | None,
+        pruned: int = 0,
     ):
         self.config = config
         self.refresh = refresh
@@ -60,6 +61,7 @@ class CompiledPair:
         self.sites = list(sites)
         self.graphs = graphs  # readable copies for explain(); the compiled ones are consumed
         self.param_index = param_index  # an input that identifies the model (a parameter)
+        self.pruned = pruned  # chunked Linears narrowed to their live chunks in the reuse graph
         self._fallback: Runtime | None = None
 
     @property

@@ -3,10 +3,12 @@
     result = locate(gm)                          # find attention / MLP sites
     refresh = specialize(gm, sites, True)        # compute + fora::store into cache buffers
     reuse = specialize(gm, sites, False)         # fora::load from buffers, dead regions removed
+    prune_chunked_linears(reuse)                 # adaLN Linear -> only its live (gate) chunks
     verify(gm, refresh, sites, True); verify(gm, reuse, sites, False)
 """
 
 from .locate import locate, normalize_path
+from .prune import prune_chunked_linears
 from .sites import LocateResult, Refusal, Site
 from .specialize import buffer_names, clone, elide_loads, lower_stores, specialize
 from .verify import GraphInvariantError, verify
@@ -22,6 +24,7 @@ __all__ = [
     "locate",
     "lower_stores",
     "normalize_path",
+    "prune_chunked_linears",
     "specialize",
     "verify",
 ]

@@ -177,3 +177,25 @@ def test_parallel_block_without_parallel_kind_caches_only_its_attention():
     sites = locate(gm, module_paths(case.model), kinds=("attn", "cross_attn", "mlp")).sites
     assert sites[-1].module_path == "single_transformer_blocks.0.attn"
     assert sites[-1].kind == "attn"
+
+
+@pytest.mark.parametrize("name, expected", [("dit", 2), ("timm", 2), ("flux", 3), ("pixart", 0)])
+def test_prune_keeps_only_live_adaln_chunks(name, expected):
+    from fora_fx.passes import prune_chunked_linears
+
+    case, gm, example_inputs = _captured(name)
+    sites = locate(gm, module_paths(case.model)).sites
+    reuse = specialize(gm, sites, False)
+    buffers = [torch.randn(shape) for s in sites for shape in s.shapes]
+    before = reuse(*example_inputs, *buffers)
+    widths = sorted(n.meta["example_value"].shape[-1] for n in reuse.graph.nodes
+                    if n.op == "call_function" and "linear" in str(n.target))
+    assert prune_chunked_linears(reuse) == expected
+    after = reuse(*example_inputs, *buffers)
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if name in ("dit", "timm"):  # the 6*D modulation Linears are gone; D-wide gates remain
+        after_widths = sorted(n.meta["example_value"].shape[-1] for n in reuse.graph.nodes
+                              if n.op == "call_function" and "linear" in str(n.target))
+        assert 6 * 32 in widths and 6 * 32 not in after_widths
+        assert after_widths.count(32) == widths.count(32) + 2 * expected
