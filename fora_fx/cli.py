@@ -1,0 +1,43 @@
+"""The `fora-fx` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fora-fx", description="FORA as a torch.compile pass")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time FORA against eager, torch.compile and peers")
+    bench.add_argument("--model", default=None, choices=["dit-xl-2", "pixart-512", "tiny"])
+    bench.add_argument("--batch", type=int, default=2, help="images per call (CFG doubles it)")
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--intervals", default="2,3,4,6", help="FORA intervals, comma-separated")
+    bench.add_argument("--device", default=None, choices=["cuda", "cpu"])
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write rows as JSON")
+    bench.add_argument("--quick", action="store_true",
+                       help="tiny model, 6 steps, 1 repeat, intervals 2,3: a CI smoke run")
+    args = parser.parse_args(argv)
+
+    from .bench import Setup, markdown, run, write_json
+
+    intervals = tuple(int(v) for v in args.intervals.split(","))
+    if any(n < 1 for n in intervals):
+        parser.error(f"--intervals must be positive integers, got {args.intervals!r}")
+    setup = Setup(model=args.model or ("tiny" if args.quick else "dit-xl-2"),
+                  batch=args.batch, steps=6 if args.quick else args.steps,
+                  repeats=1 if args.quick else args.repeats,
+                  intervals=(2, 3) if args.quick else intervals)
+    if args.device:
+        setup.device = args.device
+    rows = run(setup, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(markdown(rows, setup))
+    if args.json:
+        write_json(rows, setup, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

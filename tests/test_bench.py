@@ -1,0 +1,35 @@
+"""`fora-fx bench --quick` runs on CPU and writes sane rows (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from fora_fx import cli
+
+
+def test_bench_quick_writes_json_and_table(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    rows = {(r["method"], r["interval"]): r for r in payload["rows"]}
+    assert payload["setup"]["model"] == "tiny" and payload["setup"]["steps"] == 6
+    for key in [("eager", None), ("compiled", None), ("fora_fx", 2), ("fora_fx", 3),
+                ("hook-fora (official)", 3), ("diffusers taylorseer", 3), ("diffusers pab", 3)]:
+        assert key in rows and rows[key]["loop_s"] > 0, key
+        assert rows[key]["device"].startswith("CPU")
+    for n in (2, 3):  # fora_fx samples what the official-style hook FORA samples
+        row = rows[("fora_fx", n)]
+        assert row["max_dev_vs_hook_fora"] < 1e-3
+        assert row["graphs_compiled"] == 1 and row["cudagraph_skips"] == 0
+        assert row["cache_mib"] > 0
+    assert rows[("cache-dit", 3)]["note"].startswith(("skipped", "installed"))
+    assert "| fora_fx | 3 |" in table
+
+
+def test_bench_rejects_bad_intervals(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--intervals", "0,3"])
+    assert "--intervals must be positive integers" in capsys.readouterr().err
