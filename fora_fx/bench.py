@@ -61,6 +61,8 @@ class Row:
     peak_mem_mib: float | None = None
     cache_mib: float | None = None
     max_dev_vs_hook_fora: float | None = None
+    refresh_ms: float | None = None  # one transformer call that recomputes (fora_fx rows)
+    reuse_ms: float | None = None  # one that reuses: FORA's per-step floor
     device: str = ""
     note: str = ""
 
@@ -156,6 +158,25 @@ def measure(fn: Callable[[], torch.Tensor], setup: Setup) -> tuple[float, float,
     return warmup, statistics.median(times), out
 
 
+def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
+               reps: int = 5) -> tuple[float, float]:
+    """Median ms of a refresh call (step 0) and a reuse call (step 1) of a transformed model."""
+    t = torch.full((x.shape[0],), 500, device=x.device)
+    refresh: list[float] = []
+    reuse: list[float] = []
+    with torch.no_grad():
+        for _ in range(reps):
+            api.reset(fast)
+            for times in (refresh, reuse):
+                _sync(setup.device)
+                t0 = time.perf_counter()
+                fast(x, timestep=t, **kwargs)
+                _sync(setup.device)
+                times.append(1e3 * (time.perf_counter() - t0))
+    api.reset(fast)
+    return statistics.median(refresh), statistics.median(reuse)
+
+
 def run(setup: Setup, log: Callable[[str], None] = print) -> list[Row]:
     from torch._dynamo.utils import counters
 
@@ -222,6 +243,8 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> list[Row]:
                      ref=refs.get(n))
         if out is not None:
             rows[-1].cache_mib = explain(fast).cache_bytes / 2**20
+            if n > 1:
+                rows[-1].refresh_ms, rows[-1].reuse_ms = step_times(fast, x0, call0, setup)
     for kind in ("taylorseer", "pab"):
         n = 3
         current = {"t": 999}  # PAB reads the step's timestep through a callback
@@ -253,7 +276,8 @@ def markdown(rows: list[Row], setup: Setup) -> str:
     head = (f"`fora-fx bench` — {setup.model}, batch {setup.batch} (+{setup.batch} uncond), "
             f"{setup.steps} DDIM steps, {setup.dtype}, torch {torch.__version__}\n\n")
     cols = ["method", "N", "loop s", "× eager", "× compiled", "warm-up s", "cg skips",
-            "graphs", "peak MiB", "cache MiB", "max dev", "device", "note"]
+            "graphs", "peak MiB", "cache MiB", "max dev", "refresh ms", "reuse ms", "device",
+            "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def f(v: Any, spec: str = ".3f") -> str:
@@ -264,7 +288,8 @@ def markdown(rows: list[Row], setup: Setup) -> str:
             r.method, f(r.interval), f(r.loop_s, ".4f"), f(r.speedup_vs_eager, ".2f"),
             f(r.speedup_vs_compiled, ".2f"), f(r.warmup_s, ".1f"), f(r.cudagraph_skips),
             f(r.graphs_compiled), f(r.peak_mem_mib, ".0f"), f(r.cache_mib, ".1f"),
-            f(r.max_dev_vs_hook_fora, ".2e"), r.device, r.note]) + " |")
+            f(r.max_dev_vs_hook_fora, ".2e"), f(r.refresh_ms, ".2f"), f(r.reuse_ms, ".2f"),
+            r.device, r.note]) + " |")
     return head + "\n".join(lines)
 
 

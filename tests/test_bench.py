@@ -23,6 +23,7 @@ def test_bench_quick_writes_json_and_table(tmp_path, capsys):
         assert row["max_dev_vs_hook_fora"] < 1e-3
         assert row["graphs_compiled"] == 1 and row["cudagraph_skips"] == 0
         assert row["cache_mib"] > 0
+        assert row["refresh_ms"] > 0 and row["reuse_ms"] > 0
     assert rows[("cache-dit", 3)]["note"].startswith(("skipped", "installed"))
     assert "| fora_fx | 3 |" in table
 
