@@ -1,0 +1,1 @@
+"""Quality evaluation: a DiT trained on sklearn digits, metrics, and the FORA comparison."""
