@@ -250,13 +250,15 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> list[Row]:
         current = {"t": 999}  # PAB reads the step's timestep through a callback
         m = copy.deepcopy(base)
         try:
-            hook = DiffusersHook(m, kind, n, timestep=functools.partial(current.__getitem__, "t"))
+            hook = DiffusersHook(m, kind, n, timestep=functools.partial(current.__getitem__, "t"),
+                                 site_paths=sites)
         except Exception as e:
             rows.append(Row(f"diffusers {kind}", n, device=name,
                             note=f"skipped: {type(e).__name__}: {e}"[:160]))
             continue
         record(Row(f"diffusers {kind}", n), sampler(
-            m, on_step=functools.partial(current.__setitem__, "t"), before=hook.start_generation))
+            hook, on_step=functools.partial(current.__setitem__, "t"),
+            before=hook.start_generation))
     try:
         import cache_dit  # noqa: F401
         rows.append(Row("cache-dit", 3, device=name, note="installed; adapter not written yet"))

@@ -9,6 +9,7 @@ Each wraps a model in place; `.start_generation()` resets its state between gene
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -53,10 +54,18 @@ class HookFora:
 
 
 class DiffusersHook:
-    """diffusers' TaylorSeer or Pyramid Attention Broadcast hook at a refresh interval."""
+    """diffusers' TaylorSeer or Pyramid Attention Broadcast hook at a refresh interval.
+
+    TaylorSeer's default module patterns (`^transformer_blocks.*attn`, full match) miss DiT's
+    `attn1` / `ff`, so it is pointed at the same modules FORA caches (`site_paths`). Its step
+    counter is 1-based and it computes on steps < disable_cache_before_step and on
+    (step - disable_cache_before_step - 1) % interval == 0: with 2, it computes steps 1, 3,
+    3 + N, ... — as many full steps as FORA at the same N. PAB keeps its own defaults: it
+    broadcasts attention only, for timesteps inside its skip range (set to all timesteps).
+    """
 
     def __init__(self, model: torch.nn.Module, kind: str, interval: int,
-                 timestep: Callable[[], int]):
+                 timestep: Callable[[], int], site_paths: list[str] | None = None):
         from diffusers.hooks import HookRegistry
 
         self.model = model
@@ -64,7 +73,8 @@ class DiffusersHook:
             from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
             apply_taylorseer_cache(model, TaylorSeerCacheConfig(
-                cache_interval=interval, disable_cache_before_step=1,
+                cache_interval=interval, disable_cache_before_step=2,
+                cache_identifiers=[re.escape(p) for p in site_paths] if site_paths else None,
                 taylor_factors_dtype=next(model.parameters()).dtype))
         elif kind == "pab":
             from diffusers.hooks import (
@@ -82,5 +92,33 @@ class DiffusersHook:
             raise ValueError(f"unknown diffusers hook {kind!r}; valid: 'taylorseer', 'pab'")
         self.registry = HookRegistry.check_if_exists_or_initialize(model)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # diffusers' stateful hooks keep state per named denoising call ("cond", "uncond");
+        # batched CFG is one call. DiT / PixArt lack CacheMixin, whose method only records
+        # the name for the hooks, so it is applied unbound.
+        from diffusers.models.cache_utils import CacheMixin
+
+        with CacheMixin.cache_context(self.model, "batched"):
+            return self.model(*args, **kwargs)
+
     def start_generation(self) -> None:
         self.registry.reset_stateful_hooks()
+
+
+class SiteCounter:
+    """Counts how often the site modules really compute. Install before a peer's hooks:
+    they wrap `module.forward`, so a skipped (cached / predicted) call never reaches it."""
+
+    def __init__(self, model: torch.nn.Module, site_paths: list[str]):
+        self.calls = 0
+        self.sites = len(site_paths)
+        for path in site_paths:
+            module = model.get_submodule(path)
+            module.forward = self._wrap(module.forward)
+
+    def _wrap(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return forward(*args, **kwargs)
+
+        return counted
