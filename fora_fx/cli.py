@@ -19,7 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, metavar="PATH", help="also write rows as JSON")
     bench.add_argument("--quick", action="store_true",
                        help="tiny model, 6 steps, 1 repeat, intervals 2,3: a CI smoke run")
+    ev = sub.add_parser("eval", help="FORA's sample quality on the digits DiT vs its peers")
+    ev.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    ev.add_argument("--out", default="fora_eval", help="folder for quality.md and the PNGs")
+    ev.add_argument("--samples", type=int, default=2000, help="samples per seed (>= 200/class)")
+    ev.add_argument("--seeds", default="0,1,2")
+    ev.add_argument("--no-compile", action="store_true", help="eager models (no Inductor)")
+    ev.add_argument("--quick", action="store_true",
+                    help="200 samples, 1 seed, N=3 and 6, 10 DDIM steps: a CI smoke run")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
 
     from .bench import Setup, markdown, run, write_json
 
@@ -36,6 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows, setup))
     if args.json:
         write_json(rows, setup, args.json)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .quality.evaluate import EvalSetup, evaluate, markdown, write_outputs
+
+    setup = EvalSetup(samples=args.samples, seeds=tuple(int(s) for s in args.seeds.split(",")),
+                      compile=not args.no_compile)
+    if args.quick:
+        setup = EvalSetup(samples=200, seeds=(0,), intervals=(3, 6), samplers=(("ddim", 10),),
+                          batch=200, compile=not args.no_compile)
+    if setup.samples % setup.batch and setup.samples > setup.batch:
+        raise SystemExit(f"--samples must be a multiple of {setup.batch} (or smaller)")
+    setup.batch = min(setup.batch, setup.samples)
+    report = evaluate(setup, log=lambda s: print(s, file=sys.stderr, flush=True))
+    write_outputs(report, args.json, args.out)
+    print(markdown(report))
+    print(f"wrote {args.out}/quality.md, quality_vs_speedup.png, samples.png", file=sys.stderr)
     return 0
 
 

@@ -56,3 +56,26 @@ def test_psnr_and_accuracy():
     out = psnr(a, b)
     assert torch.isinf(out[0]) and out[1].item() == pytest.approx(20.0)
     assert class_accuracy(np.eye(3), [0, 1, 1]) == pytest.approx(2 / 3)
+
+
+def test_classifier_features_separate_real_from_noise():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fora_fx.quality.classifier import train_classifier
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1  # [N, 1, 8, 8] in [-1, 1]
+    y = torch.tensor(d.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    clf = train_classifier(x_tr, y_tr, seed=0)
+    again = train_classifier(x_tr, y_tr, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+    with torch.no_grad():
+        assert class_accuracy(clf.probs(x_te), y_te) > 0.95
+        f_tr = clf.features(x_tr)
+        real = fid(f_tr, clf.features(x_te))
+        noise = fid(f_tr, clf.features(torch.rand(len(x_te), 1, 8, 8) * 2 - 1))
+        assert real * 50 < noise  # held-out real vs train << noise vs train
+        assert inception_score(clf.probs(x_te)) > 8.5  # confident, balanced on real digits

@@ -1,0 +1,282 @@
+"""`fora-fx eval`: FORA's quality against the uncached model and the peers, same budgets.
+
+On the DiT trained on scikit-learn's digits (fora_fx/quality/model.py), every method samples
+the same seeds and labels with 50-step DDIM (and 20-step DPM-Solver++) and batched
+classifier-free guidance. Metrics are computed in the features of the digits classifier
+(classifier.py) against the training split: FID, Inception Score, k-NN precision / recall,
+class accuracy of the conditional samples, and PSNR of each sample against the uncached
+sample from the same seed. The held-out split's FID is the floor. Mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import api
+from ..capture import capture, module_paths
+from ..passes import locate
+from ..peers import DiffusersHook, SiteCounter
+from .classifier import DigitsClassifier, train_classifier
+from .data import load_digits_split
+from .metrics import class_accuracy, fid, inception_score, precision_recall, psnr
+from .model import NULL_CLASS, load_trained
+
+
+@dataclass
+class EvalSetup:
+    samples: int = 2000  # per seed; labels cycle through the 10 classes
+    seeds: tuple[int, ...] = (0, 1, 2)
+    intervals: tuple[int, ...] = (2, 3, 4, 5, 6, 7)
+    samplers: tuple[tuple[str, int], ...] = (("ddim", 50), ("dpm", 20))
+    cfg: float = 2.0
+    batch: int = 1000  # images per model call (doubled by CFG)
+    compile: bool = True
+
+
+@dataclass
+class Result:
+    sampler: str
+    steps: int
+    method: str
+    interval: int | None
+    fid: float
+    fid_std: float
+    is_: float
+    precision: float
+    recall: float
+    class_acc: float
+    psnr: float | None  # dB against the uncached samples of the same seeds
+    speedup: float | None  # wall-clock sampling time of the baseline / this method
+    skipped: float  # fraction of attention/MLP computations skipped
+
+
+def scheduler(kind: str) -> Any:
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    ddpm: Any = DDPMScheduler()
+    train = ddpm.config  # what the model was trained with (train.py)
+    if kind == "ddim":
+        return DDIMScheduler.from_config(train)
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler.from_config(train)
+    raise ValueError(f"unknown sampler {kind!r}; valid: 'ddim', 'dpm'")
+
+
+def sample(model: Callable[..., Any], labels: torch.Tensor, seed: int, kind: str, steps: int,
+           cfg: float, batch: int, before: Callable[[], None] | None = None) -> torch.Tensor:
+    """Images [N, 1, 8, 8] in [-1, 1] for `labels`, from noise drawn with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), 1, 8, 8, generator=g)
+    out = []
+    for lo in range(0, len(labels), batch):
+        if before is not None:
+            before()  # a new generation for stateful methods
+        y = labels[lo:lo + batch]
+        x = noise[lo:lo + batch]
+        sched = scheduler(kind)
+        sched.set_timesteps(steps)
+        y_in = torch.cat([y, torch.full_like(y, NULL_CLASS)])  # cond, then uncond
+        for t in sched.timesteps:
+            x_in = torch.cat([x, x])  # [2b, 1, 8, 8]
+            eps = model(x_in, timestep=t.expand(len(x_in)), class_labels=y_in).sample
+            cond, uncond = eps.chunk(2)
+            x = sched.step(uncond + cfg * (cond - uncond), t, x).prev_sample
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
+@dataclass
+class Method:
+    name: str
+    interval: int | None
+    model: Callable[..., Any]
+    before: Callable[[], None] | None  # start of a generation, for stateful hooks
+    skipped: Callable[[], float]  # measured fraction of site computations skipped
+
+
+class _Peer:
+    """A diffusers hook model that also counts its calls and tells PAB the timestep."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, n: int, sites: list[str]):
+        self.model, self.calls, self.t = model, 0, 999
+        self.counter = SiteCounter(model, sites)  # before the hooks: counts real computes
+        self.hook = DiffusersHook(model, kind, n, timestep=self.timestep, site_paths=sites)
+
+    def timestep(self) -> int:
+        return self.t
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.t = int(kwargs["timestep"][0])
+        return self.hook(*args, **kwargs)
+
+    def skipped(self) -> float:
+        return 1 - self.counter.calls / max(1, self.counter.sites * self.calls)
+
+
+def site_paths(model: torch.nn.Module) -> list[str]:
+    x = torch.zeros(2, 1, 8, 8)
+    gm, _ = capture(model, x, timestep=torch.ones(2), class_labels=torch.zeros(2, dtype=torch.long))
+    torch._dynamo.reset()
+    return [s.module_path for s in locate(gm, module_paths(model)).sites]
+
+
+def _methods(base: torch.nn.Module, setup: EvalSetup, steps: int) -> list[Method]:
+    compiled = torch.compile(base, fullgraph=True, dynamic=False) if setup.compile else base
+    methods = [Method("baseline", None, compiled, None, lambda: 0.0)]
+    for n in setup.intervals:
+        fast = api.transform(base, interval=n, num_steps=steps,
+                             compiler="inductor" if setup.compile else "eager")
+        stats = fast._fora_runtime.stats
+        methods.append(Method("fora", n, fast, None,
+                              functools.partial(lambda st: st.reuses / max(1, st.calls), stats)))
+    sites = site_paths(base)
+    for kind in ("taylorseer", "pab"):
+        try:
+            peer = _Peer(copy.deepcopy(base), kind, 3, sites)
+        except Exception:  # not in this diffusers
+            continue
+        methods.append(Method(kind, 3, peer, peer.hook.start_generation, peer.skipped))
+    return methods
+
+
+def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, Any]:
+    torch.manual_seed(0)
+    train_x, train_y, test_x, test_y = load_digits_split()
+    clf: DigitsClassifier = train_classifier(train_x, train_y)
+    with torch.no_grad():
+        train_f = clf.features(train_x)
+        floor = fid(train_f, clf.features(test_x))
+    base = load_trained()
+    labels = torch.arange(setup.samples) % 10
+    results: list[Result] = []
+    grids: dict[str, torch.Tensor] = {}
+    for kind, steps in setup.samplers:
+        baseline_imgs: dict[int, torch.Tensor] = {}
+        base_time = None
+        for method in _methods(base, setup, steps):
+            name, n, model, before = method.name, method.interval, method.model, method.before
+            fids, iss, precs, recs, accs, psnrs, times = [], [], [], [], [], [], []
+            with torch.no_grad():  # warm-up, once per method: compiles, first-call costs
+                sample(model, labels[:setup.batch], -1, kind, steps, setup.cfg, setup.batch,
+                       before)
+            for seed in setup.seeds:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    imgs = sample(model, labels, seed, kind, steps, setup.cfg, setup.batch,
+                                  before)
+                    times.append(time.perf_counter() - t0)
+                    f, p = clf.features(imgs), clf.probs(imgs)
+                fids.append(fid(train_f, f))
+                iss.append(inception_score(p))
+                pr = precision_recall(train_f, f)
+                precs.append(pr[0])
+                recs.append(pr[1])
+                accs.append(class_accuracy(p, labels))
+                if name == "baseline":
+                    baseline_imgs[seed] = imgs
+                else:
+                    psnrs.append(float(psnr(imgs, baseline_imgs[seed]).clamp(max=100).mean()))
+                if seed == setup.seeds[0] and kind == "ddim" and (n is None or n in (3, 6)) \
+                        and name in ("baseline", "fora"):
+                    grids[f"{name}" + (f" N={n}" if n else "")] = imgs[:40]
+            t = statistics.median(times)
+            base_time = t if name == "baseline" else base_time
+            r = Result(kind, steps, name, n, statistics.mean(fids),
+                       statistics.pstdev(fids), statistics.mean(iss), statistics.mean(precs),
+                       statistics.mean(recs), statistics.mean(accs),
+                       statistics.mean(psnrs) if psnrs else None,
+                       base_time / t if base_time else None, method.skipped())
+            results.append(r)
+            log(f"{kind}-{steps} {name:<10} N={n or '-'}  FID {r.fid:.2f}±{r.fid_std:.2f}  "
+                f"IS {r.is_:.2f}  P {r.precision:.2f} R {r.recall:.2f}  acc {r.class_acc:.3f}  "
+                f"PSNR {r.psnr or float('nan'):.1f}  x{r.speedup or 0:.2f}")
+    return {"setup": asdict(setup), "fid_floor_heldout": floor,
+            "rows": [asdict(r) for r in results], "grids": grids}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cols = ["sampler", "method", "N", "FID", "± (seeds)", "IS", "precision", "recall",
+            "class acc", "PSNR dB", "speedup", "skipped"]
+    lines = [f"Held-out real FID (floor): {report['fid_floor_heldout']:.2f}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["rows"]:
+        lines.append("| " + " | ".join([
+            f"{r['sampler']}-{r['steps']}", r["method"], str(r["interval"] or ""),
+            f"{r['fid']:.2f}", f"{r['fid_std']:.2f}", f"{r['is_']:.2f}",
+            f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['class_acc']:.3f}",
+            "" if r["psnr"] is None else f"{r['psnr']:.1f}",
+            "" if r["speedup"] is None else f"{r['speedup']:.2f}×",
+            f"{r['skipped']:.0%}"]) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict[str, Any], json_path: str | None, out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grids = report.pop("grids")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    (out / "quality.md").write_text(markdown(report) + "\n")
+    _plot(report, out / "quality_vs_speedup.png")
+    _grid(grids, out / "samples.png")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    markers = itertools.cycle("osd^v<>p*")
+    for (sampler, method), marker in zip(
+        sorted({(r["sampler"], r["method"]) for r in report["rows"]}), markers, strict=False
+    ):
+        rows = [r for r in report["rows"] if (r["sampler"], r["method"]) == (sampler, method)]
+        xs = [r["speedup"] or 1.0 for r in rows]
+        ax.errorbar(xs, [r["fid"] for r in rows], yerr=[r["fid_std"] for r in rows],
+                    marker=marker, linestyle="-" if len(rows) > 1 else "none",
+                    label=f"{method} ({sampler})", capsize=2)
+        for r, x in zip(rows, xs, strict=True):
+            if r["interval"]:
+                ax.annotate(f"N={r['interval']}", (x, r["fid"]), fontsize=7)
+    ax.axhline(report["fid_floor_heldout"], color="grey", linestyle=":", label="held-out real")
+    ax.set_xlabel("wall-clock speedup over the uncached model (CPU)")
+    ax.set_ylabel("FID (digits-classifier features)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _grid(grids: dict[str, torch.Tensor], path: Path, scale: int = 4, per_row: int = 10,
+          rows_per_method: int = 2) -> None:
+    """Same seeds and labels in every block: column c shows class c (labels cycle 0..9)."""
+    from PIL import Image, ImageDraw
+
+    if not grids:
+        return
+    cell, label_w = 8 * scale + 2, 80
+    height = len(grids) * (rows_per_method * cell + 6)
+    img = Image.new("L", (label_w + per_row * cell, height), 255)
+    draw = ImageDraw.Draw(img)
+    for i, (name, imgs) in enumerate(grids.items()):
+        top = i * (rows_per_method * cell + 6)
+        draw.text((4, top + cell // 2), name, fill=0)
+        for j in range(min(len(imgs), per_row * rows_per_method)):
+            px = ((imgs[j, 0] + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+            tile = Image.fromarray(px).resize((8 * scale, 8 * scale), Image.Resampling.NEAREST)
+            img.paste(tile, (label_w + (j % per_row) * cell + 1, top + (j // per_row) * cell + 1))
+    img.save(path)
