@@ -62,10 +62,14 @@ class Result:
 
 
 def scheduler(kind: str) -> Any:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    """A sampler with the training noise schedule. clip_sample is off (train.py's config):
+    with DDPM's default clipping, the guided x0 estimate near t = T (sqrt(alpha_bar) ~ 0.006)
+    is clipped hard and classifier-free guidance is erased."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    ddpm: Any = DDPMScheduler()
-    train = ddpm.config  # what the model was trained with (train.py)
+    from .train import make_scheduler
+
+    train = make_scheduler().config
     if kind == "ddim":
         return DDIMScheduler.from_config(train)
     if kind == "dpm":
