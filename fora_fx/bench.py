@@ -87,7 +87,8 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def build(setup: Setup) -> tuple[torch.nn.Module, Callable[[int], dict[str, Any]]]:
+def build(setup: Setup) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The random-weight model and the sampler's inputs: noise and conditioning."""
     import diffusers
 
     spec = dict(MODELS[setup.model])
@@ -109,11 +110,7 @@ def build(setup: Setup) -> tuple[torch.nn.Module, Callable[[int], dict[str, Any]
         labels = [207] * setup.batch + [1000] * setup.batch  # cond, then the null class
         extra = dict(class_labels=torch.tensor(labels, device=setup.device))
     noise = torch.randn(setup.batch, 4, side, side, generator=g).to(setup.device, setup.dtype)
-
-    def inputs(seed: int) -> dict[str, Any]:
-        return dict(noise=noise, **extra)
-
-    return model, inputs
+    return model, dict(noise=noise, **extra)
 
 
 def sample(model: Callable[..., Any], inputs: dict[str, Any], steps: int, cfg: float = 4.0,
@@ -180,8 +177,7 @@ def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
 def run(setup: Setup, log: Callable[[str], None] = print) -> list[Row]:
     from torch._dynamo.utils import counters
 
-    base, make_inputs = build(setup)
-    inputs = make_inputs(0)
+    base, inputs = build(setup)
     call0 = {k: v for k, v in inputs.items() if k != "noise"}
     x0 = torch.cat([inputs["noise"]] * 2)
     gm, _ = capture(base, x0, timestep=torch.ones(x0.shape[0], device=x0.device), **call0)
@@ -192,7 +188,7 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> list[Row]:
     refs: dict[int, torch.Tensor] = {}
     mode = "reduce-overhead" if setup.device == "cuda" else None
 
-    def record(row: Row, fn: Callable[[], torch.Tensor], cache_bytes: int | None = None,
+    def record(row: Row, fn: Callable[[], torch.Tensor],
                ref: torch.Tensor | None = None) -> torch.Tensor | None:
         counters.clear()
         if setup.device == "cuda":
@@ -209,8 +205,6 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> list[Row]:
         row.graphs_compiled = int(counters["stats"].get("unique_graphs", 0))
         if setup.device == "cuda":
             row.peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
-        if cache_bytes is not None:
-            row.cache_mib = cache_bytes / 2**20
         if ref is not None:
             row.max_dev_vs_hook_fora = float((out.float() - ref.float()).abs().max())
         row.device = name

@@ -26,8 +26,8 @@ class HookFora:
         self.modules = {p: model.get_submodule(p) for p in site_paths}
         for path, module in self.modules.items():
             module.forward = self._wrap(path, module.forward)
-        self._hooks = [model.register_forward_pre_hook(self._before),
-                       model.register_forward_hook(self._after)]
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
 
     def _before(self, module: Any, args: Any) -> None:
         self.refresh = self.step % self.interval == 0 or not self.cache
@@ -45,12 +45,6 @@ class HookFora:
 
     def start_generation(self) -> None:
         self.step, self.cache = 0, {}
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for module in self.modules.values():
-            del module.forward
 
 
 class DiffusersHook:

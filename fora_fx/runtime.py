@@ -64,10 +64,6 @@ class CompiledPair:
         self.pruned = pruned  # chunked Linears narrowed to their live chunks in the reuse graph
         self._fallback: Runtime | None = None
 
-    @property
-    def cache_bytes(self) -> int:
-        return sum(s.dtype.itemsize * int(torch.Size(s.shape).numel()) for s in self.specs)
-
     def __call__(self, *args: Any) -> Any:
         runtime = getattr(_active, "runtime", None)
         if runtime is None:
@@ -113,7 +109,6 @@ class Runtime:
         self.source = source
         self.branches: dict[str, Branch] = {}
         self.context: str | None = None  # set by ForaModule.cache_context
-        self.generation = 0
         self.released = False
         self.stats = Stats()
         self._token: object = None  # the source's generation marker
@@ -162,7 +157,9 @@ class Runtime:
             self._calls_this_step += 1
         else:
             name = DEFAULT_BRANCH
-        branch = self.branches.setdefault(name, Branch())
+        branch = self.branches.get(name)
+        if branch is None:  # not setdefault: that would build a Branch on every step
+            branch = self.branches[name] = Branch()
         return branch, (step if step is not None else branch.calls), num_steps
 
     def run(self, pair: CompiledPair, args: Sequence[Any]) -> Any:
@@ -212,7 +209,6 @@ class Runtime:
 
     def reset(self) -> None:
         """The next call is step 0 of a new generation; no cached value is read again."""
-        self.generation += 1
         for branch in self.branches.values():
             branch.calls, branch.owner = 0, None
         self._step_key, self._calls_this_step = None, 0
