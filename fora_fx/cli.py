@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--samples", type=int, default=2000, help="samples per seed (>= 200/class)")
     ev.add_argument("--seeds", default="0,1,2")
     ev.add_argument("--batch", type=int, default=100, help="samples per model call (CFG doubles)")
+    ev.add_argument("--methods", default=None,
+                    help="comma-separated subset of fora,taylorseer,pab,cache-dit,"
+                         "cache-dit+taylorseer (default: all; the baseline always runs)")
+    ev.add_argument("--intervals", default="2,3,4,5,6,7", help="FORA intervals")
     ev.add_argument("--no-compile", action="store_true", help="eager models (no Inductor)")
     ev.add_argument("--quick", action="store_true",
                     help="200 samples, 1 seed, N=3 and 6, 10 DDIM steps: a CI smoke run")
@@ -51,13 +55,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .quality.evaluate import EvalSetup, evaluate, markdown, write_outputs
+    from .quality.evaluate import METHODS, EvalSetup, evaluate, markdown, write_outputs
 
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    if set(methods) - set(METHODS):
+        raise SystemExit(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; "
+                         f"valid: {','.join(METHODS)}")
     setup = EvalSetup(samples=args.samples, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                      batch=args.batch, compile=not args.no_compile)
+                      intervals=tuple(int(n) for n in args.intervals.split(",")),
+                      batch=args.batch, methods=methods, compile=not args.no_compile)
     if args.quick:
         setup = EvalSetup(samples=200, seeds=(0,), intervals=(3, 6), samplers=(("ddim", 10),),
-                          batch=200, eager_batches=1, compile=not args.no_compile)
+                          batch=200, eager_batches=1, methods=methods,
+                          compile=not args.no_compile)
     if setup.samples % setup.batch and setup.samples > setup.batch:
         raise SystemExit(f"--samples must be a multiple of {setup.batch} (or smaller)")
     setup.batch = min(setup.batch, setup.samples)

@@ -32,6 +32,18 @@ def test_demo_quick_runs_and_reproduces_baseline_at_interval_1():
     assert "OK: interval=1 reproduces the baseline" in proc.stdout
 
 
+def test_digits_main_job_quick(tmp_path):
+    out = tmp_path / "digits"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "digits.py"), "--quick",
+                           "--intervals", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "interval=1 reproduces the baseline" in proc.stdout
+    row = re.search(r"^fora N=3 +([\d.]+)x +(\d+)%", proc.stdout, flags=re.M)
+    assert row and int(row.group(2)) == 60  # 10 steps: 0, 3, 6, 9 recompute
+    assert (out / "samples.png").stat().st_size > 0
+
+
 def test_pipeline_examples_run_for_every_family():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "pipelines.py"),
                            "--compiler", "eager"],

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import api
+from .. import api, peers_cachedit
 from ..capture import capture, module_paths
 from ..passes import locate
 from ..peers import DiffusersHook, SiteCounter
@@ -31,6 +31,8 @@ from .classifier import DigitsClassifier, train_classifier
 from .data import load_digits_split
 from .metrics import class_accuracy, fid, inception_score, precision_recall, psnr
 from .model import NULL_CLASS, load_trained
+
+METHODS = ("fora", "taylorseer", "pab", "cache-dit", "cache-dit+taylorseer")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class EvalSetup:
     batch: int = 100
     compile: bool = True
     eager_batches: int = 3  # timing-only batches of the uncompiled model (speedup_eager)
+    # besides the baseline (always run: PSNR and speedups are relative to it)
+    methods: tuple[str, ...] = METHODS
+    peer_interval: int = 3  # the peers' refresh interval
 
 
 @dataclass
@@ -145,32 +150,73 @@ def site_paths(model: torch.nn.Module) -> list[str]:
     return [s.module_path for s in locate(gm, module_paths(model)).sites]
 
 
-def _methods(base: torch.nn.Module, setup: EvalSetup, steps: int) -> list[Method]:
+def _methods(base: torch.nn.Module, setup: EvalSetup, steps: int,
+             log: Callable[[str], None]) -> list[Method]:
+    unknown = set(setup.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
     compiled = torch.compile(base, fullgraph=True, dynamic=False) if setup.compile else base
     methods = [Method("baseline", None, compiled, None, lambda: 0.0)]
-    for n in setup.intervals:
+    n_peer = setup.peer_interval
+    for n in setup.intervals if "fora" in setup.methods else ():
         fast = api.transform(base, interval=n, num_steps=steps,
                              compiler="inductor" if setup.compile else "eager")
         stats = fast._fora_runtime.stats
         methods.append(Method("fora", n, fast, None,
                               functools.partial(lambda st: st.reuses / max(1, st.calls), stats)))
-    sites = site_paths(base)
-    for kind in ("taylorseer", "pab"):
+    hooks = [kind for kind in ("taylorseer", "pab") if kind in setup.methods]
+    sites = site_paths(base) if hooks else []
+    for kind in hooks:
         try:
-            peer = _Peer(copy.deepcopy(base), kind, 3, sites)
-        except Exception:  # not in this diffusers
+            peer = _Peer(copy.deepcopy(base), kind, n_peer, sites)
+        except ImportError as e:  # TaylorSeer is newer than some supported diffusers
+            log(f"{kind}: skipped, this diffusers lacks it ({e})")
             continue
-        methods.append(Method(kind, 3, peer, peer.hook.start_generation, peer.skipped))
+        methods.append(Method(kind, n_peer, peer, peer.hook.start_generation, peer.skipped))
+    for name in ("cache-dit", "cache-dit+taylorseer"):
+        if name not in setup.methods:
+            continue
+        if not peers_cachedit.available():  # an optional extra: skipped, and said so
+            log(f"{name}: skipped, cache-dit is not installed (pip install cache-dit)")
+            continue
+        cd = peers_cachedit.CacheDitPeer(copy.deepcopy(base), n_peer, steps,
+                                         calibrator="taylorseer" if "+" in name else None)
+        methods.append(Method(name, n_peer, cd, cd.start_generation, cd.skipped))
     return methods
+
+
+@dataclass
+class Judge:
+    """The metrics' reference: the digits classifier and the training split's features."""
+
+    clf: DigitsClassifier
+    train_features: torch.Tensor
+    floor: float  # FID of the held-out real split: the best a sampler can expect
+
+    @classmethod
+    def build(cls) -> Judge:
+        train_x, train_y, test_x, _ = load_digits_split()
+        clf = train_classifier(train_x, train_y)
+        with torch.no_grad():
+            train_f = clf.features(train_x)
+            return cls(clf, train_f, fid(train_f, clf.features(test_x)))
+
+    @torch.no_grad()
+    def score(self, imgs: torch.Tensor, labels: torch.Tensor,
+              ref: torch.Tensor | None = None) -> dict[str, float]:
+        """fid, is_, precision, recall, class_acc, and psnr (dB, mean) against `ref`."""
+        f, p = self.clf.features(imgs), self.clf.probs(imgs)
+        prec, rec = precision_recall(self.train_features, f)
+        out = {"fid": fid(self.train_features, f), "is_": inception_score(p),
+               "precision": prec, "recall": rec, "class_acc": class_accuracy(p, labels)}
+        if ref is not None:  # identical samples have infinite PSNR: cap at 100 dB
+            out["psnr"] = float(psnr(imgs, ref).clamp(max=100).mean())
+        return out
 
 
 def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(0)
-    train_x, train_y, test_x, test_y = load_digits_split()
-    clf: DigitsClassifier = train_classifier(train_x, train_y)
-    with torch.no_grad():
-        train_f = clf.features(train_x)
-        floor = fid(train_f, clf.features(test_x))
+    judge = Judge.build()
     base = load_trained()
     labels = torch.arange(setup.samples) % 10
     results: list[Result] = []
@@ -184,9 +230,9 @@ def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, 
         eager_time = statistics.median(eager_times)
         baseline_imgs: dict[int, torch.Tensor] = {}
         base_time = None
-        for method in _methods(base, setup, steps):
+        for method in _methods(base, setup, steps, log):
             name, n, model, before = method.name, method.interval, method.model, method.before
-            fids, iss, precs, recs, accs, psnrs = [], [], [], [], [], []
+            scores: list[dict[str, float]] = []
             times: list[float] = []  # per batch, all seeds: the median is robust to a hiccup
             with torch.no_grad():  # warm-up, once per method: compiles, first-call costs
                 sample(model, labels[:setup.batch], -1, kind, steps, setup.cfg, setup.batch,
@@ -195,35 +241,27 @@ def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, 
                 with torch.no_grad():
                     imgs = sample(model, labels, seed, kind, steps, setup.cfg, setup.batch,
                                   before, times)
-                    f, p = clf.features(imgs), clf.probs(imgs)
-                fids.append(fid(train_f, f))
-                iss.append(inception_score(p))
-                pr = precision_recall(train_f, f)
-                precs.append(pr[0])
-                recs.append(pr[1])
-                accs.append(class_accuracy(p, labels))
+                scores.append(judge.score(imgs, labels, baseline_imgs.get(seed)))
                 if name == "baseline":
                     baseline_imgs[seed] = imgs
-                else:
-                    psnrs.append(float(psnr(imgs, baseline_imgs[seed]).clamp(max=100).mean()))
                 if seed == setup.seeds[0] and kind == "ddim" and (n is None or n in (3, 6)) \
                         and name in ("baseline", "fora"):
                     grids[f"{name}" + (f" N={n}" if n else "")] = imgs[:40]
-                log(f"  {kind}-{steps} {name} N={n or '-'} seed {seed}: FID {fids[-1]:.2f} "
-                    f"({time.perf_counter() - started:.0f} s elapsed)")
+                log(f"  {kind}-{steps} {name} N={n or '-'} seed {seed}: FID "
+                    f"{scores[-1]['fid']:.2f} ({time.perf_counter() - started:.0f} s elapsed)")
             t = statistics.median(times)
             base_time = t if name == "baseline" else base_time
-            r = Result(kind, steps, name, n, statistics.mean(fids),
-                       statistics.pstdev(fids), statistics.mean(iss), statistics.mean(precs),
-                       statistics.mean(recs), statistics.mean(accs),
-                       statistics.mean(psnrs) if psnrs else None,
+            avg = {key: statistics.mean(sc[key] for sc in scores) for key in scores[0]}
+            r = Result(kind, steps, name, n, avg["fid"],
+                       statistics.pstdev(sc["fid"] for sc in scores), avg["is_"],
+                       avg["precision"], avg["recall"], avg["class_acc"], avg.get("psnr"),
                        base_time / t if base_time else None, eager_time / t, method.skipped())
             results.append(r)
             log(f"{kind}-{steps} {name:<10} N={n or '-'}  FID {r.fid:.2f}±{r.fid_std:.2f}  "
                 f"IS {r.is_:.2f}  P {r.precision:.2f} R {r.recall:.2f}  acc {r.class_acc:.3f}  "
                 f"PSNR {r.psnr or float('nan'):.1f}  x{r.speedup or 0:.2f} "
                 f"(x{r.speedup_eager:.2f} vs eager)")
-    return {"setup": asdict(setup), "fid_floor_heldout": floor,
+    return {"setup": asdict(setup), "fid_floor_heldout": judge.floor,
             "rows": [asdict(r) for r in results], "grids": grids}
 
 
@@ -252,7 +290,7 @@ def write_outputs(report: dict[str, Any], json_path: str | None, out_dir: str) -
         Path(json_path).write_text(json.dumps(report, indent=2))
     (out / "quality.md").write_text(markdown(report) + "\n")
     _plot(report, out / "quality_vs_speedup.png")
-    _grid(grids, out / "samples.png")
+    write_grid(grids, out / "samples.png")
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -283,7 +321,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _grid(grids: dict[str, torch.Tensor], path: Path, scale: int = 4, per_row: int = 10,
+def write_grid(grids: dict[str, torch.Tensor], path: Path, scale: int = 4, per_row: int = 10,
           rows_per_method: int = 2) -> None:
     """Same seeds and labels in every block: column c shows class c (labels cycle 0..9)."""
     from PIL import Image, ImageDraw
