@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of fora,taylorseer,pab,cache-dit,"
                          "cache-dit+taylorseer (default: all; the baseline always runs)")
     ev.add_argument("--intervals", default="2,3,4,5,6,7", help="FORA intervals")
+    ev.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                    help="no sampling: write quality.md and the plot from saved --json files "
+                         "(several: rows merged, one baseline)")
     ev.add_argument("--no-compile", action="store_true", help="eager models (no Inductor)")
     ev.add_argument("--quick", action="store_true",
                     help="200 samples, 1 seed, N=3 and 6, 10 DDIM steps: a CI smoke run")
@@ -55,7 +58,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .quality.evaluate import METHODS, EvalSetup, evaluate, markdown, write_outputs
+    from .quality.evaluate import (
+        METHODS,
+        EvalSetup,
+        evaluate,
+        markdown,
+        merge,
+        render,
+        write_outputs,
+    )
+
+    if args.render:
+        report = merge(args.render)
+        render(report, args.out)
+        print(markdown(report))
+        return 0
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     if set(methods) - set(METHODS):

@@ -50,3 +50,39 @@ def test_unknown_eval_method_is_refused_with_the_valid_ones():
 
     with pytest.raises(SystemExit, match="valid: fora,taylorseer,pab,cache-dit"):
         cli.main(["eval", "--quick", "--methods", "fora,deepcache"])
+
+
+def _row(method, interval, fid, speedup, seeds=True):
+    row = {"sampler": "ddim", "steps": 50, "method": method, "interval": interval, "fid": fid,
+            "fid_std": 0.1, "is_": 9.9, "precision": 0.9, "recall": 0.5, "class_acc": 1.0,
+            "psnr": None if method == "baseline" else 30.0, "speedup": speedup,
+            "speedup_eager": 2 * speedup, "skipped": 0.0 if method == "baseline" else 0.5}
+    if seeds:  # the baseline's per-seed spread is shared: paired differences cancel it
+        row["fid_seeds"] = [fid - 0.5, fid + 0.1, fid + 0.4 + 0.1 * (method == "fora")]
+    return row
+
+
+def test_render_merges_runs_with_one_baseline_and_refuses_other_settings(tmp_path, capsys):
+    setup = {"samples": 2000, "seeds": [0, 1, 2], "samplers": [["ddim", 50]], "cfg": 2.0,
+             "batch": 100, "compile": True}
+    first = {"setup": setup, "fid_floor_heldout": 1.8,
+             "rows": [_row("baseline", None, 10.0, 1.0), _row("fora", 3, 11.0, 2.2)]}
+    second = {"setup": setup, "fid_floor_heldout": 1.8,
+              "rows": [_row("baseline", None, 10.0, 1.0),
+                       _row("cache-dit", 3, 12.0, 0.9, seeds=False)]}  # an older report
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    out = tmp_path / "out"
+    assert cli.main(["eval", "--render", str(a), str(b), "--out", str(out)]) == 0
+    table = (out / "quality.md").read_text()
+    assert table.count("| baseline |") == 1
+    assert "| ddim-50 | fora | 3 | 11.00 | 0.10 | +1.03 ± 0.05 |" in table
+    assert "| ddim-50 | cache-dit | 3 | 12.00 | 0.10 |  |" in table
+    assert (out / "quality_vs_speedup.png").stat().st_size > 0
+    second["setup"] = {**setup, "seeds": [0]}
+    b.write_text(json.dumps(second))
+    import pytest
+
+    with pytest.raises(ValueError, match="other settings.*seeds"):
+        cli.main(["eval", "--render", str(a), str(b), "--out", str(out)])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import json
 import statistics
 import time
@@ -68,6 +67,7 @@ class Result:
     speedup: float | None  # median batch time: compiled baseline / this method
     speedup_eager: float  # median batch time: uncompiled model (as the hooks run) / this method
     skipped: float  # fraction of attention/MLP computations skipped
+    fid_seeds: list[float]  # per seed, in setup.seeds order: for paired differences
 
 
 def scheduler(kind: str) -> Any:
@@ -255,7 +255,8 @@ def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, 
             r = Result(kind, steps, name, n, avg["fid"],
                        statistics.pstdev(sc["fid"] for sc in scores), avg["is_"],
                        avg["precision"], avg["recall"], avg["class_acc"], avg.get("psnr"),
-                       base_time / t if base_time else None, eager_time / t, method.skipped())
+                       base_time / t if base_time else None, eager_time / t, method.skipped(),
+                       [sc["fid"] for sc in scores])
             results.append(r)
             log(f"{kind}-{steps} {name:<10} N={n or '-'}  FID {r.fid:.2f}±{r.fid_std:.2f}  "
                 f"IS {r.is_:.2f}  P {r.precision:.2f} R {r.recall:.2f}  acc {r.class_acc:.3f}  "
@@ -265,15 +266,31 @@ def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, 
             "rows": [asdict(r) for r in results], "grids": grids}
 
 
+def paired_fid_delta(report: dict[str, Any], row: dict[str, Any]) -> tuple[float, float] | None:
+    """Mean and spread over seeds of (row's FID - the baseline's FID) on the same seed. The
+    seeds' shared variation cancels, so this separates methods that the ± column cannot.
+    None for reports written before per-seed FIDs were kept."""
+    base = [r for r in report["rows"] if r["method"] == "baseline"
+            and (r["sampler"], r["steps"]) == (row["sampler"], row["steps"])]
+    if row["method"] == "baseline" or not base or "fid_seeds" not in row \
+            or "fid_seeds" not in base[0]:
+        return None
+    diffs = [a - b for a, b in zip(row["fid_seeds"], base[0]["fid_seeds"], strict=True)]
+    return statistics.mean(diffs), statistics.pstdev(diffs)
+
+
 def markdown(report: dict[str, Any]) -> str:
-    cols = ["sampler", "method", "N", "FID", "± (seeds)", "IS", "precision", "recall",
-            "class acc", "PSNR dB", "speedup", "vs eager", "skipped"]
+    cols = ["sampler", "method", "N", "FID", "± (seeds)", "ΔFID paired", "IS", "precision",
+            "recall", "class acc", "PSNR dB", "speedup", "vs eager", "skipped"]
     lines = [f"Held-out real FID (floor): {report['fid_floor_heldout']:.2f}", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["rows"]:
+        delta = paired_fid_delta(report, r)
         lines.append("| " + " | ".join([
             f"{r['sampler']}-{r['steps']}", r["method"], str(r["interval"] or ""),
-            f"{r['fid']:.2f}", f"{r['fid_std']:.2f}", f"{r['is_']:.2f}",
+            f"{r['fid']:.2f}", f"{r['fid_std']:.2f}",
+            "" if delta is None else f"{delta[0]:+.2f} ± {delta[1]:.2f}",
+            f"{r['is_']:.2f}",
             f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['class_acc']:.3f}",
             "" if r["psnr"] is None else f"{r['psnr']:.1f}",
             "" if r["speedup"] is None else f"{r['speedup']:.2f}×",
@@ -288,9 +305,36 @@ def write_outputs(report: dict[str, Any], json_path: str | None, out_dir: str) -
     grids = report.pop("grids")
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
+    render(report, out_dir)
+    write_grid(grids, out / "samples.png")
+
+
+def merge(paths: list[str]) -> dict[str, Any]:
+    """One report from the JSON files of several runs (e.g. the optional cache-dit rows run
+    later): every method row of each file, with the speedups of its own run; the baseline row
+    of the first file only. Refuses runs whose sample settings differ, because then the
+    baselines' samples, and so PSNR and FID, would not be comparable."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("samples", "seeds", "samplers", "cfg", "batch", "compile")
+    first = reports[0]
+    for p, r in zip(paths[1:], reports[1:], strict=True):
+        diff = [k for k in keys if r["setup"][k] != first["setup"][k]]
+        if diff:
+            raise ValueError(f"{p} was run with other settings than {paths[0]}: {diff}")
+    rows = list(first["rows"]) + [row for r in reports[1:] for row in r["rows"]
+                                  if row["method"] != "baseline"]
+    samplers = list(dict.fromkeys((r["sampler"], r["steps"]) for r in rows))
+    rows.sort(key=lambda r: samplers.index((r["sampler"], r["steps"])))  # stable: runs' order
+    return {"setup": first["setup"], "fid_floor_heldout": first["fid_floor_heldout"],
+            "rows": rows, "merged_from": [str(p) for p in paths]}
+
+
+def render(report: dict[str, Any], out_dir: str) -> None:
+    """quality.md and the plot from a saved (or merged) report; no sample grid."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text(markdown(report) + "\n")
     _plot(report, out / "quality_vs_speedup.png")
-    write_grid(grids, out / "samples.png")
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -299,23 +343,43 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    markers = itertools.cycle("osd^v<>p*")
-    for (sampler, method), marker in zip(
-        sorted({(r["sampler"], r["method"]) for r in report["rows"]}), markers, strict=False
-    ):
-        rows = [r for r in report["rows"] if (r["sampler"], r["method"]) == (sampler, method)]
-        xs = [r["speedup"] or 1.0 for r in rows]
-        ax.errorbar(xs, [r["fid"] for r in rows], yerr=[r["fid_std"] for r in rows],
-                    marker=marker, linestyle="-" if len(rows) > 1 else "none",
-                    label=f"{method} ({sampler})", capsize=2)
-        for r, x in zip(rows, xs, strict=True):
-            if r["interval"]:
-                ax.annotate(f"N={r['interval']}", (x, r["fid"]), fontsize=7)
-    ax.axhline(report["fid_floor_heldout"], color="grey", linestyle=":", label="held-out real")
-    ax.set_xlabel("wall-clock speedup over the uncached model (CPU)")
-    ax.set_ylabel("FID (digits-classifier features)")
-    ax.legend(fontsize=7)
+    samplers = list(dict.fromkeys(f"{r['sampler']}-{r['steps']}" for r in report["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
+    style = {m: (f"C{i}", mk) for i, (m, mk) in enumerate(zip(methods, "osd^v<>p*", strict=False))}
+    # top row: FID (the distribution); bottom row: PSNR against the uncached samples of the
+    # same seeds (faithfulness; FID can fall below the baseline's when samples shift)
+    fig, axes = plt.subplots(2, len(samplers), figsize=(5 * len(samplers), 7), dpi=120,
+                             squeeze=False, sharey="row")
+    for col, sampler in enumerate(samplers):  # one column per sampler
+        fid_ax, psnr_ax = axes[0][col], axes[1][col]
+        for method in methods:
+            rows = [r for r in report["rows"]
+                    if f"{r['sampler']}-{r['steps']}" == sampler and r["method"] == method]
+            if not rows:
+                continue
+            xs = [r["speedup"] or 1.0 for r in rows]
+            color, marker = style[method]
+            line = "-" if len(rows) > 1 else "none"
+            # error bars: spread over seeds; every method samples the same seeds
+            fid_ax.errorbar(xs, [r["fid"] for r in rows], yerr=[r["fid_std"] for r in rows],
+                            color=color, marker=marker, capsize=2, label=method, linestyle=line)
+            if method != "baseline":
+                psnr_ax.plot(xs, [r["psnr"] for r in rows], color=color, marker=marker,
+                             label=method, linestyle=line)
+            for r, x in zip(rows, xs, strict=True):
+                if r["interval"] and method == "fora":
+                    for ax, y in ((fid_ax, r["fid"]), (psnr_ax, r["psnr"])):
+                        ax.annotate(f"N={r['interval']}", (x, y), fontsize=7, xytext=(3, 3),
+                                    textcoords="offset points")
+        fid_ax.axhline(report["fid_floor_heldout"], color="grey", linestyle=":",
+                       label="held-out real digits")
+        fid_ax.set_title(sampler, fontsize=9)
+        psnr_ax.set_xlabel("wall-clock speedup over the compiled uncached model (CPU)",
+                           fontsize=8)
+        fid_ax.legend(fontsize=7)
+        psnr_ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("FID (digits-classifier features), lower is better")
+    axes[1][0].set_ylabel("PSNR vs uncached samples, dB (higher = closer)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
