@@ -44,6 +44,15 @@ def test_digits_main_job_quick(tmp_path):
     assert (out / "samples.png").stat().st_size > 0
 
 
+def test_last_steps_probe_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "last_steps_probe.py"),
+                           "--quick"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "N=5 last 2  recomputes  6/20 [0, 5, 10, 15, 18, 19]" in proc.stdout
+    assert "N=6         recomputes  5/20 [0, 6, 12, 18, 19]" in proc.stdout
+    assert len(re.findall(r"PSNR [\d.]+ dB", proc.stdout)) == 5
+
+
 def test_pipeline_examples_run_for_every_family():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "pipelines.py"),
                            "--compiler", "eager"],
