@@ -75,16 +75,18 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
-    if set(methods) - set(METHODS):
-        raise SystemExit(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; "
-                         f"valid: {','.join(METHODS)}")
-    setup = EvalSetup(samples=args.samples, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                      intervals=tuple(int(n) for n in args.intervals.split(",")),
-                      batch=args.batch, methods=methods, compile=not args.no_compile)
-    if args.quick:
-        setup = EvalSetup(samples=200, seeds=(0,), intervals=(3, 6), samplers=(("ddim", 10),),
-                          batch=200, eager_batches=1, methods=methods,
-                          compile=not args.no_compile)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    intervals = tuple(int(n) for n in args.intervals.split(","))
+    try:  # EvalSetup refuses unknown method names, listing the valid ones
+        if args.quick:
+            setup = EvalSetup(samples=200, seeds=(0,), intervals=(3, 6),
+                              samplers=(("ddim", 10),), batch=200, eager_batches=1,
+                              methods=methods, compile=not args.no_compile)
+        else:
+            setup = EvalSetup(samples=args.samples, seeds=seeds, intervals=intervals,
+                              batch=args.batch, methods=methods, compile=not args.no_compile)
+    except ValueError as e:
+        raise SystemExit(f"--methods: {e}") from None
     if setup.samples % setup.batch and setup.samples > setup.batch:
         raise SystemExit(f"--samples must be a multiple of {setup.batch} (or smaller)")
     setup.batch = min(setup.batch, setup.samples)

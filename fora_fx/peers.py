@@ -110,6 +110,10 @@ class SiteCounter:
             module = model.get_submodule(path)
             module.forward = self._wrap(module.forward)
 
+    def skipped(self, model_calls: int) -> float:
+        """Fraction of the sites' computations skipped over `model_calls` forwards."""
+        return 1 - self.calls / max(1, self.sites * model_calls)
+
     def _wrap(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1

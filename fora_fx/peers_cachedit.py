@@ -53,7 +53,8 @@ class CacheDitPeer:
     """A DiT with cache-dit's DBCache (static mask, optional TaylorSeer) applied in place.
 
     Callable like the model; counts real block forwards with pre-hooks installed on the blocks
-    themselves, so a block that cache-dit skips is never counted.
+    themselves, so a block that cache-dit skips is never counted. (Not peers.SiteCounter: it
+    wraps `forward`, and cache-dit's forward-pattern check reads the blocks' signatures.)
     """
 
     def __init__(self, model: torch.nn.Module, n: int, num_steps: int,
@@ -64,7 +65,7 @@ class CacheDitPeer:
 
         if calibrator not in (None, "taylorseer"):
             raise ValueError(f"unknown calibrator {calibrator!r}; valid: 'taylorseer', None")
-        self.model, self.n, self.num_steps = model, n, num_steps
+        self.model, self.num_steps = model, num_steps
         self.blocks = len(model.transformer_blocks)  # type: ignore[arg-type]
         self.mask = static_mask(n, num_steps)
         self.calls = 0  # model calls (denoising steps, CFG batched)

@@ -50,6 +50,11 @@ class EvalSetup:
     methods: tuple[str, ...] = METHODS
     peer_interval: int = 3  # the peers' refresh interval
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; valid: {','.join(METHODS)}")
+
 
 @dataclass
 class Result:
@@ -140,7 +145,7 @@ class _Peer:
         return self.hook(*args, **kwargs)
 
     def skipped(self) -> float:
-        return 1 - self.counter.calls / max(1, self.counter.sites * self.calls)
+        return self.counter.skipped(self.calls)
 
 
 def site_paths(model: torch.nn.Module) -> list[str]:
@@ -152,9 +157,6 @@ def site_paths(model: torch.nn.Module) -> list[str]:
 
 def _methods(base: torch.nn.Module, setup: EvalSetup, steps: int,
              log: Callable[[str], None]) -> list[Method]:
-    unknown = set(setup.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
     compiled = torch.compile(base, fullgraph=True, dynamic=False) if setup.compile else base
     methods = [Method("baseline", None, compiled, None, lambda: 0.0)]
     n_peer = setup.peer_interval
