@@ -13,16 +13,18 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from .compile import compile_variant
+from .compile import compile_variant, fusion_limit_patches
 from .config import ForaConfig
 from .passes import (
     LocateResult,
+    batch_blocks,
     clone,
     elide_loads,
     locate,
     lower_stores,
     prune_chunked_linears,
     specialize,
+    stack_names,
     verify,
 )
 from .runtime import BufferSpec, CompiledPair, active_paths
@@ -66,27 +68,56 @@ def build_pair(
     pruned = prune_chunked_linears(reuse)  # adaLN: only the gates are live on reuse steps
     verify(gm, refresh, sites, refresh=True)
     verify(gm, reuse, sites, refresh=False)
+    batched = {}
+    if config.batch_blocks:  # after verify: it checks sites, which batching does not touch
+        batched = {"refresh": batch_blocks(refresh, module_paths),
+                   "reuse": batch_blocks(reuse, module_paths)}
     graphs = {"refresh": clone(refresh), "reuse": clone(reuse)}
     if config.compiler != "eager":  # eager runs the ops as written, for debugging
         lower_stores(refresh)
         elide_loads(reuse)
 
     specs = _buffer_specs(gm, sites)
+    index = {n.name: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    groups = {name: [tuple(index[m] for m in members) for _, members in stack_names(variant)]
+              for name, variant in (("refresh", refresh), ("reuse", reuse))}
     for variant in (refresh, reuse):
         _mark_cache_inputs(variant)
-    inputs = [*example_inputs, *(s.allocate() for s in specs)]
+    buffers = [s.allocate() for s in specs]
+    stacked = {name: [_example_stack([example_inputs[i] for i in g]) for g in gs]
+               for name, gs in groups.items()}
     params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
+    reuse_patches = fusion_limit_patches(config.reuse_fusion_limit)
     return CompiledPair(
         config,
-        refresh=compile_variant(refresh, inputs, config),
-        reuse=compile_variant(reuse, inputs, config),
+        refresh=compile_variant(refresh, [*example_inputs, *buffers, *stacked["refresh"]],
+                                config),
+        reuse=compile_variant(reuse, [*example_inputs, *buffers, *stacked["reuse"]], config,
+                              reuse_patches),
         specs=specs,
         located=located,
         sites=sites,
         graphs=graphs,
         param_index=params[0] if params else None,
         pruned=pruned,
+        stack_groups=groups,
+        batched=batched,
     )
+
+
+def _example_stack(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A stand-in for a parameter stack, for compiling only: a fake tensor of Dynamo's fake
+    mode (no memory). The parameters are re-homed into the real stack by the runtime on the
+    first call (fora_fx/stacks.py); doing it here, after Dynamo recorded their layout and
+    before AOTAutograd reads it, would contradict what Dynamo recorded."""
+    from torch._guards import detect_fake_mode
+
+    p = params[0]
+    mode = detect_fake_mode()
+    if mode is None:  # not under Dynamo (a hand-built graph): a real, unused allocation
+        return torch.empty((len(params), *p.shape), dtype=p.dtype, device=p.device)
+    with mode:
+        return torch.empty((len(params), *p.shape), dtype=p.dtype, device=p.device)
 
 
 def _buffer_specs(gm: GraphModule, sites: Sequence[Any]) -> list[BufferSpec]:
@@ -100,14 +131,15 @@ def _buffer_specs(gm: GraphModule, sites: Sequence[Any]) -> list[BufferSpec]:
 
 
 def _mark_cache_inputs(gm: GraphModule) -> None:
-    """Gives cache placeholders a Dynamo source so AOTAutograd treats them as static inputs."""
+    """Gives cache and stack placeholders a Dynamo source, so AOTAutograd treats them as
+    static inputs (their addresses never change between calls)."""
     from torch._dynamo.source import ConstantSource
 
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if not any(hasattr(n, "_dynamo_source") for n in placeholders):
         return  # not a Dynamo graph (tests may build one by hand): nothing to match
     for n in placeholders:
-        if "fora_cache" in n.meta:
+        if "fora_cache" in n.meta or "fora_stack" in n.meta:
             n._dynamo_source = ConstantSource(n.name)  # type: ignore[attr-defined]
 
 

@@ -37,6 +37,15 @@ class ForaConfig:
     compiler:      "inductor" (default), "aot_eager" or "eager" (runs the rewritten graphs
                    without compiling; for debugging and fast tests).
     mode:          torch.compile mode for Inductor; "reduce-overhead" turns on CUDA graphs.
+    batch_blocks:  run the blocks' conditioning (timestep / class embedders, adaLN Linears)
+                   as one computation vmapped over blocks (passes/batch.py): a few kernels
+                   instead of a few per block. Re-homes those parameters into stacked
+                   tensors on the first call (fora_fx/stacks.py); False leaves them alone.
+    reuse_fusion_limit: the most distinct buffers one fused kernel of the reuse graph may
+                   read or write (Inductor's max_fusion_unique_io_buffers, for that compile
+                   only). Keeps Inductor from fusing the whole cached residual chain into
+                   the final norm's reduction (DESIGN.md section 5: 4.8 ms against a 0.2 ms
+                   memory floor). None: Inductor's default, no limit.
     """
 
     interval: int = 3
@@ -46,6 +55,8 @@ class ForaConfig:
     sites: tuple[str, ...] = SITE_KINDS
     compiler: str = "inductor"
     mode: str | None = None
+    batch_blocks: bool = True
+    reuse_fusion_limit: int | None = 16
 
     def __post_init__(self) -> None:
         _require_int("interval", self.interval, 1)
@@ -68,6 +79,10 @@ class ForaConfig:
             raise ValueError(
                 f"ForaConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}"
             )
+        if not isinstance(self.batch_blocks, bool):
+            raise TypeError(f"ForaConfig.batch_blocks must be a bool, got {self.batch_blocks!r}")
+        if self.reuse_fusion_limit is not None:
+            _require_int("reuse_fusion_limit", self.reuse_fusion_limit, 2)
         if self.mode not in MODES:
             raise ValueError(f"ForaConfig.mode must be one of {MODES}, got {self.mode!r}")
 

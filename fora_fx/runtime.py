@@ -21,8 +21,9 @@ import torch
 from torch.fx import GraphModule
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import stacks
 from .config import ForaConfig
-from .passes import LocateResult, Site
+from .passes import Batched, LocateResult, Site
 from .steps import PipelineSteps
 
 
@@ -52,6 +53,8 @@ class CompiledPair:
         graphs: dict[str, GraphModule],
         param_index: int | None,
         pruned: int = 0,
+        stack_groups: dict[str, list[tuple[int, ...]]] | None = None,
+        batched: dict[str, list[Batched]] | None = None,
     ):
         self.config = config
         self.refresh = refresh
@@ -62,6 +65,9 @@ class CompiledPair:
         self.graphs = graphs  # readable copies for explain(); the compiled ones are consumed
         self.param_index = param_index  # an input that identifies the model (a parameter)
         self.pruned = pruned  # chunked Linears narrowed to their live chunks in the reuse graph
+        # variant -> the input indices of the parameters each of its stacked inputs holds
+        self.stack_groups = stack_groups or {"refresh": [], "reuse": []}
+        self.batched = batched or {}  # variant -> the runs of blocks batch_blocks batched
         self._fallback: Runtime | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -113,6 +119,8 @@ class Runtime:
         self.stats = Stats()
         self._token: object = None  # the source's generation marker
         self._step_key: int | None = None  # step index of the previous call
+        self._stacks: dict[tuple[CompiledPair, str], list[torch.Tensor]] = {}
+        self._stacked = WeakIdKeyDictionary()  # parameters re-homed into stacks (for release)
         self._calls_this_step = 0
         self._lock = threading.Lock()
 
@@ -182,10 +190,10 @@ class Runtime:
             refresh = self.config.refreshes(step, num_steps) or branch.owner is not pair
             if refresh:
                 branch.owner = None  # a refresh that raises half-way leaves no valid cache
-                out = pair.refresh(*args, *buffers)
+                out = pair.refresh(*args, *buffers, *self._stack_inputs(pair, "refresh", args))
                 branch.owner = pair
             else:
-                out = pair.reuse(*args, *buffers)
+                out = pair.reuse(*args, *buffers, *self._stack_inputs(pair, "reuse", args))
         except BaseException:
             if branch is not None:
                 branch.owner = None
@@ -195,6 +203,25 @@ class Runtime:
         finally:
             self._lock.release()
         return out
+
+    def _stack_inputs(self, pair: CompiledPair, variant: str, args: Sequence[Any]) -> list:
+        """The stacked parameters a variant reads (fora_fx/stacks.py).
+
+        All of a pair's stacks are checked against the parameters passed on every refresh
+        call, which every generation starts with: new storage for a parameter (model.to,
+        p.data = ...) means a re-stack, never a stale weight. Reuse calls, the cheap steps,
+        trust the last check.
+        """
+        if not any(pair.stack_groups.values()):
+            return []
+        if variant == "refresh" or (pair, variant) not in self._stacks:
+            for v, groups in pair.stack_groups.items():
+                found = self._stacks.get((pair, v))
+                params = [[args[i] for i in g] for g in groups]
+                if found is None or not all(map(stacks.valid, params, found)):
+                    self._stacks[(pair, v)] = [stacks.stack(ps) for ps in params]
+                    self._stacked.update((p, None) for ps in params for p in ps)
+        return self._stacks[(pair, variant)]
 
     def _advance(self, branch: Branch, refreshed: bool, num_steps: int | None) -> None:
         s = self.stats
@@ -217,6 +244,9 @@ class Runtime:
         """Frees every cache buffer (fora_fx.restore); later calls raise."""
         self.reset()
         self.branches = {}
+        self._stacks = {}
+        stacks.unstack(list(self._stacked.keys()))
+        self._stacked = WeakIdKeyDictionary()
         self.released = True
 
 

@@ -4,9 +4,11 @@
     refresh = specialize(gm, sites, True)        # compute + fora::store into cache buffers
     reuse = specialize(gm, sites, False)         # fora::load from buffers, dead regions removed
     prune_chunked_linears(reuse)                 # adaLN Linear -> only its live (gate) chunks
+    batch_blocks(reuse, paths)                   # per-block conditioning -> one vmapped copy
     verify(gm, refresh, sites, True); verify(gm, reuse, sites, False)
 """
 
+from .batch import Batched, Stack, batch_blocks, stack_names
 from .locate import locate, normalize_path
 from .prune import prune_chunked_linears
 from .sites import LocateResult, Refusal, Site
@@ -14,6 +16,10 @@ from .specialize import buffer_names, clone, elide_loads, lower_stores, speciali
 from .verify import GraphInvariantError, verify
 
 __all__ = [
+    "Batched",
+    "Stack",
+    "batch_blocks",
+    "stack_names",
     "GraphInvariantError",
     "LocateResult",
     "Refusal",

@@ -71,6 +71,12 @@ def prune_chunked_linears(gm: GraphModule) -> int:
                 w = graph.call_function(torch.narrow, (weight, 0, k * size, size))
                 b = graph.call_function(torch.narrow, (bias, 0, k * size, size)) if bias else None
                 part = graph.call_function(linear.target, (x, w, b))
+            for new in (w, b):  # the narrows run in the Linear's module, like the Linear
+                if new is not None:
+                    new.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
+                    val = new.args[0].meta.get("example_value")  # type: ignore[union-attr]
+                    if isinstance(val, torch.Tensor):
+                        new.meta["example_value"] = val.narrow(0, k * size, size)
             part.meta.update({k2: v for k2, v in g.meta.items() if k2 != "example_value"})
             part.meta["example_value"] = g.meta.get("example_value")
             g.replace_all_uses_with(part)

@@ -1,0 +1,320 @@
+"""Batch pass: run the blocks' conditioning as one computation vmapped over blocks.
+
+Every block of a DiT computes its own modulation from the conditioning alone: an adaLN
+Linear (SD3, Flux, PixArt's table add) and, in diffusers' DiT, a whole timestep / class
+embedder per block. On a reuse step this is nearly all that is left to run: 28 blocks times
+a handful of kernels, each too small to fill a GPU, so the step is bound by kernel count,
+not bytes (DESIGN.md section 5: a 1.5 ms reuse step at B=2 against a ~0.1 ms memory floor).
+
+The blocks run the same code on different weights, so this is one computation vmapped over
+blocks. The pass finds, for each run of structurally identical blocks, the nodes that are
+the same in every block up to corresponding parameters and inputs shared by all blocks (the
+token stream differs per block, so nothing that reads it qualifies), and replaces the G
+copies by one `torch.vmap`-traced copy over stacked parameters: Linear -> one bmm, embedding
+-> one gather, pointwise ops over [G, ...]. Each stack enters as a placeholder
+`fora_stack_<k>` of shape [G, *param.shape]; the runtime supplies it (fora_fx/stacks.py).
+
+Pure graph -> graph. Results equal the unbatched graph's up to floating-point summation
+order inside the batched matmuls.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from ..ops import LOAD, STORE
+from .locate import _stack, normalize_path
+from .patterns import is_parameter
+
+_BLOCK = re.compile(r"^(.*)\.(\d+)$")
+_COMPUTE = ("call_function", "call_method")
+_IMPURE = {LOAD, STORE, torch.ops.aten.copy_.default}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stacked input: `name` is its placeholder, `members` the per-block parameter
+    placeholders it stacks, in block order."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """One run of identical blocks whose conditioning was batched."""
+
+    prefix: str  # e.g. "transformer_blocks"
+    blocks: tuple[int, ...]
+    nodes: int  # nodes per block that were batched
+    stacks: tuple[Stack, ...]
+
+
+def _block_of(node: Node, paths: Mapping[str, str]) -> tuple[str, int] | None:
+    """(container path, index) of the outermost numbered module the node runs in."""
+    for key, text in _stack(node):
+        base = key.split("@")[0]
+        path = paths.get(base) or normalize_path(text)
+        m = _BLOCK.match(path)
+        if m:
+            return m.group(1), int(m.group(2))
+    return None
+
+
+def _gather(indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    # F.embedding with batched weights vmaps to a copy of every table; indexing is a gather.
+    return table[indices]
+
+
+def _is_plain_embedding(node: Node) -> bool:
+    if node.target is not torch.nn.functional.embedding or len(node.args) < 2:
+        return False
+    extra = [*node.args[2:], *(v for k, v in node.kwargs.items() if k not in ("input", "weight"))]
+    return all(v in (None, False, 2.0) for v in extra)
+
+
+class _Run:
+    """Matches the nodes of one run of blocks position by position."""
+
+    def __init__(self, nodes: list[list[Node]]):
+        self.nodes = nodes  # [block][position]
+        self.index = [{n: k for k, n in enumerate(block)} for block in nodes]
+        self.batched: set[int] = set()
+        self.groups: dict[tuple[Node, ...], None] = {}  # parameter groups, in first-use order
+        self.shared: dict[Node, None] = {}
+
+    def _same(self, a0: Any, others: list[Any], groups: list, shared: list) -> bool:
+        if isinstance(a0, (list, tuple)):
+            return all(type(a) is type(a0) and len(a) == len(a0) for a in others) and all(
+                self._same(x0, [a[i] for a in others], groups, shared) for i, x0 in enumerate(a0)
+            )
+        if not isinstance(a0, Node):
+            return all(type(a) is type(a0) and a == a0 for a in others)
+        if not all(isinstance(a, Node) for a in others):
+            return False
+        k0 = self.index[0].get(a0)
+        if k0 is not None:  # a value computed in the block: the same position everywhere
+            return k0 in self.batched and all(
+                self.index[j + 1].get(a) == k0 for j, a in enumerate(others)
+            )
+        if all(a is a0 for a in others):
+            shared.append(a0)
+            return True
+        group = (a0, *others)
+        if all(is_parameter(a) and a.op == "placeholder" for a in group) and len(set(group)) == len(
+            group
+        ):
+            vals = [a.meta.get("example_value") for a in group]
+            if all(isinstance(v, torch.Tensor) for v in vals) and all(
+                v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals
+            ):
+                groups.append(group)
+                return True
+        return False
+
+    def match(self) -> None:
+        for k, n0 in enumerate(self.nodes[0]):
+            ns = [block[k] for block in self.nodes]
+            if n0.op not in _COMPUTE or n0.target in _IMPURE or n0.is_impure():
+                continue
+            if not isinstance(n0.meta.get("example_value"), torch.Tensor):
+                continue
+            if any(n.target != n0.target or set(n.kwargs) != set(n0.kwargs) for n in ns):
+                continue
+            if any(len(n.args) != len(n0.args) for n in ns):
+                continue
+            groups: list[tuple[Node, ...]] = []
+            shared: list[Node] = []
+            ok = all(
+                self._same(a0, [n.args[i] for n in ns[1:]], groups, shared)
+                for i, a0 in enumerate(n0.args)
+            ) and all(
+                self._same(v0, [n.kwargs[key] for n in ns[1:]], groups, shared)
+                for key, v0 in n0.kwargs.items()
+            )
+            if ok:
+                self.batched.add(k)
+                self.groups.update(dict.fromkeys(groups))
+                self.shared.update(dict.fromkeys(shared))
+
+    def outputs(self) -> list[int]:
+        """Batched positions whose value is read outside the batched nodes of its block."""
+        out = []
+        for k in sorted(self.batched):
+            for block in self.nodes:
+                inside = {block[j] for j in self.batched}
+                if any(u not in inside for u in block[k].users):
+                    out.append(k)
+                    break
+        return out
+
+
+def _runs(
+    gm: GraphModule, paths: Mapping[str, str]
+) -> list[tuple[str, list[int], list[list[Node]]]]:
+    """Runs of blocks with the same op sequence: (prefix, block indices, nodes per block)."""
+    by_block: dict[tuple[str, int], list[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op in _COMPUTE:
+            where = _block_of(n, paths)
+            if where is not None:
+                by_block.setdefault(where, []).append(n)
+    classes: dict[tuple[str, tuple], list[int]] = {}
+    for (prefix, idx), nodes in sorted(by_block.items(), key=lambda kv: kv[0]):
+        signature = tuple((n.op, str(n.target), len(n.args)) for n in nodes)
+        classes.setdefault((prefix, signature), []).append(idx)
+    return [
+        (prefix, idxs, [by_block[(prefix, i)] for i in idxs])
+        for (prefix, _), idxs in classes.items()
+        if len(idxs) >= 2
+    ]
+
+
+def _template(run: _Run, outputs: list[int], owner: GraphModule) -> tuple[GraphModule, list]:
+    """Block 0's batched nodes as a function of (shared inputs..., parameters...)."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    inputs: list[Any] = []
+    for node in run.shared:
+        env[node] = graph.placeholder(f"shared_{len(inputs)}")
+        inputs.append(node)
+    for group in run.groups:
+        env[group[0]] = graph.placeholder(f"param_{len(inputs)}")
+        inputs.append(group)
+    for k in sorted(run.batched):
+        n = run.nodes[0][k]
+        copy = graph.node_copy(n, lambda v: env[v])
+        if _is_plain_embedding(n):
+            copy.target, copy.args, copy.kwargs = _gather, (env[n.args[0]], env[n.args[1]]), {}
+        env[n] = copy
+    graph.output(tuple(env[run.nodes[0][k]] for k in outputs))
+    return GraphModule(owner, graph), inputs
+
+
+def _trace(template: GraphModule, inputs: list[Any], g: int) -> GraphModule | None:
+    """make_fx of vmap(template) over stacked parameters, on fake tensors of the inputs'
+    metadata (in a fresh fake mode: the graph's own values may belong to another)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    values = [(x[0] if isinstance(x, tuple) else x).meta.get("example_value") for x in inputs]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    dims = tuple(0 if isinstance(x, tuple) else None for x in inputs)
+
+    def batched(*a: Any) -> Any:
+        return torch.vmap(template, in_dims=dims)(*a)
+
+    with FakeTensorMode():
+        args = [
+            torch.empty((g, *v.shape), dtype=v.dtype, device=v.device)
+            if d == 0 else torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+            for v, d in zip(values, dims, strict=True)
+        ]
+        try:
+            traced = make_fx(batched, tracing_mode="real")(*args)
+        except Exception:  # e.g. an op without a batching rule: leave these blocks alone
+            return None
+    if any(n.op == "get_attr" for n in traced.graph.nodes):
+        return None  # a constant tensor would need a home in the Dynamo graph
+    return traced
+
+
+def batch_blocks(gm: GraphModule, paths: Mapping[str, str] | None = None) -> list[Batched]:
+    """Batches the per-block conditioning of every run of identical blocks, in place."""
+    paths = paths or {}
+    graph = gm.graph
+    done: list[Batched] = []
+    stacked: set[Node] = set()
+    for prefix, idxs, nodes in _runs(gm, paths):
+        run = _Run(nodes)
+        run.match()
+        if not run.groups or any(p in stacked for grp in run.groups for p in grp):
+            continue
+        outputs = run.outputs()
+        if not outputs:
+            continue
+        template, inputs = _template(run, outputs, gm)
+        traced = _trace(template, inputs, len(idxs))
+        if traced is None:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first_use = min(
+            order[u] for k in outputs for block in nodes for u in block[k].users
+            if u not in {block[j] for j in run.batched}
+        )
+        shared = [x for x in inputs if not isinstance(x, tuple)]
+        anchor = max(shared, key=order.__getitem__, default=None)
+        if anchor is not None and order[anchor] >= first_use:
+            continue  # the shared inputs are not all ready before the first block needs them
+        stacks = _splice(gm, run, inputs, traced, outputs, anchor, len(done))
+        stacked.update(p for grp in run.groups for p in grp)
+        done.append(Batched(prefix, tuple(idxs), len(run.batched), stacks))
+    if done:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+def _splice(gm: GraphModule, run: _Run, inputs: list[Any], traced: GraphModule,
+            outputs: list[int], anchor: Node | None, serial: int) -> tuple[Stack, ...]:
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    last = placeholders[-1]
+    env: dict[Node, Node] = {}
+    stacks: list[Stack] = []
+    traced_inputs = list(traced.graph.find_nodes(op="placeholder"))
+    for ph, x in zip(traced_inputs, inputs, strict=True):
+        if isinstance(x, tuple):
+            name = f"fora_stack_{serial}_{len(stacks)}"
+            with graph.inserting_after(last):
+                node = graph.placeholder(name)
+            node.meta["example_value"] = ph.meta.get("val")
+            node.meta["fora_stack"] = tuple(p.name for p in x)
+            stacks.append(Stack(name, tuple(p.name for p in x)))
+            env[ph] = last = node
+        else:
+            env[ph] = x
+    # Compute right after the last shared input (or the placeholders): before any block.
+    where = anchor if anchor is not None and anchor.op != "placeholder" else last
+    results: list[Node] = []
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            results = list(n.args[0])
+            break
+        with graph.inserting_after(where):
+            copy = graph.node_copy(n, lambda v: env[v])
+        copy.meta["example_value"] = n.meta.get("val")
+        env[n] = where = copy
+    for k, out in zip(outputs, results, strict=True):
+        batched_out = env[out]
+        for b, block in enumerate(run.nodes):
+            with graph.inserting_after(where):
+                sel = graph.call_function(torch.ops.aten.select.int, (batched_out, 0, b))
+            where = sel
+            original = block[k]
+            sel.meta["example_value"] = original.meta.get("example_value")
+            inside = {block[j] for j in run.batched}
+            original.replace_all_uses_with(sel, delete_user_cb=lambda u, s=inside: u not in s)
+    return tuple(stacks)
+
+
+def stack_names(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
+    """(stack placeholder, member placeholders) of a batched graph, in placeholder order."""
+    return [
+        (n.name, tuple(n.meta["fora_stack"]))
+        for n in gm.graph.find_nodes(op="placeholder")
+        if "fora_stack" in n.meta
+    ]
+
+
+__all__ = ["Batched", "Stack", "batch_blocks", "stack_names"]
