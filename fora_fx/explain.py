@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .api import ForaModule, reset, runtimes
-from .passes import Refusal, Site
+from .passes import Batched, Refusal, Site
 from .runtime import CompiledPair
 
 
@@ -17,6 +17,7 @@ class Explanation:
     refused: list[Refusal] = field(default_factory=list)
     cache_bytes: int = 0
     pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
+    batched: dict[str, list[Batched]] = field(default_factory=dict)  # first graph's, by variant
     graphs_compiled: int = 0  # one per input signature (shapes, dtypes, branch graphs)
     calls: int = 0  # model calls so far, and how many of them recomputed / reused
     refreshes: int = 0
@@ -39,6 +40,12 @@ class Explanation:
             )
         if self.pruned:
             lines.append(f"reuse graph: {self.pruned} chunked Linear(s) narrowed to live chunks")
+        for variant, runs in self.batched.items():
+            for b in runs:
+                lines.append(
+                    f"{variant} graph: {b.prefix} x{len(b.blocks)}: {b.nodes} conditioning "
+                    f"nodes per block run once, vmapped over {len(b.stacks)} parameter stacks"
+                )
         if self.refused:
             lines.append("not cached:")
             lines += [f"  {r.module_path} ({r.kind}): {r.reason}" for r in self.refused]
@@ -94,6 +101,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         refused=list(refused.values()),
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
+        batched=pair.batched,
         cache_bytes=sum(rt.cache_bytes for rt in runtimes(obj)),
         calls=sum(rt.stats.calls for rt in runtimes(obj)),
         refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),

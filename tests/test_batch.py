@@ -1,0 +1,134 @@
+"""The batch pass (passes/batch.py) and parameter stacks (fora_fx/stacks.py): batching the
+blocks' conditioning changes no result, shares parameter storage instead of copying it, and
+never computes with a weight the model no longer has."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from zoo import CASES, make, output_tensor
+
+import fora_fx
+from fora_fx import stacks
+from fora_fx.compile import fusion_limit_patches
+
+SEED = 3
+
+
+def _run(model, case, steps, seed=SEED):
+    outs = []
+    for k in range(steps):
+        args, kwargs = case.inputs(k, seed)
+        with torch.no_grad():
+            outs.append(output_tensor(model(*args, **kwargs)))
+    return outs
+
+
+def _batched(fast) -> dict[str, list]:
+    (pair,) = fast._fora_runtime.pairs
+    return pair.batched
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_batching_changes_no_result(name):
+    case = make(name)
+    plain = fora_fx.transform(copy.deepcopy(case.model), interval=2, compiler="eager",
+                              batch_blocks=False)
+    fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    expected, got = _run(plain, case, 5), _run(fast, case, 5)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert _batched(plain) == {}
+
+
+@pytest.mark.parametrize("name, runs", [("dit", 1), ("pixart", 1), ("sd3", 1), ("timm", 1)])
+def test_reuse_graph_batches_the_blocks(name, runs):
+    case = make(name)
+    fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    _run(fast, case, 2)
+    reuse = _batched(fast)["reuse"]
+    assert len(reuse) == runs and reuse[0].blocks == (0, 1) and reuse[0].stacks
+    explained = fora_fx.explain(fast)
+    assert "reuse graph: transformer_blocks x2" in str(explained) or name == "timm"
+    code = explained.graphs["reuse"]
+    assert "fora_stack_0_0" in code and "aten.select" in code
+
+
+def test_dit_parameters_share_one_stack_and_restore_separates_them():
+    case = make("dit")
+    blocks = case.model.transformer_blocks
+    fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    before = [b.norm1.linear.weight.detach().clone() for b in blocks]
+    _run(fast, case, 1)
+    w0, w1 = (b.norm1.linear.weight for b in blocks)
+    assert w0.untyped_storage().data_ptr() == w1.untyped_storage().data_ptr()  # no copy
+    for b, value in zip(blocks, before, strict=True):  # values unchanged
+        torch.testing.assert_close(b.norm1.linear.weight, value, rtol=0, atol=0)
+    model = fora_fx.restore(fast)
+    assert model.transformer_blocks[0].norm1.linear.weight.untyped_storage().data_ptr() != (
+        model.transformer_blocks[1].norm1.linear.weight.untyped_storage().data_ptr()
+    )
+
+
+def test_in_place_weight_change_reaches_the_stack():
+    case = make("dit")
+    other = copy.deepcopy(case.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    _run(fast, case, 3)
+    fast.load_state_dict(other.state_dict())  # copies into the (stacked) parameters
+    fora_fx.reset(fast)
+    reference = fora_fx.transform(other, interval=2, compiler="eager", batch_blocks=False)
+    for e, g in zip(_run(reference, case, 4), _run(fast, case, 4), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_new_parameter_storage_is_never_read_stale(compiler):
+    """`p.data = t` unlinks a parameter from its stack; the next generation re-stacks."""
+    case = make("dit")
+    fast = fora_fx.transform(case.model, interval=2, compiler=compiler)
+    _run(fast, case, 3)
+    weight = case.model.transformer_blocks[1].norm1.linear.weight
+    weight.data = torch.randn_like(weight) * 0.3  # new storage, new values
+    assert not stacks.valid([b.norm1.linear.weight for b in case.model.transformer_blocks],
+                            stacks._HOME[case.model.transformer_blocks[0].norm1.linear.weight][0])
+    fora_fx.reset(fast)
+    reference = fora_fx.transform(copy.deepcopy(case.model), interval=2, compiler="eager",
+                                  batch_blocks=False)
+    for e, g in zip(_run(reference, case, 4), _run(fast, case, 4), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_stack_refuses_mismatched_parameters():
+    a, b = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="different shape"):
+        stacks.stack([a, b])
+    with pytest.raises(ValueError, match="different shape"):
+        stacks.stack([a, a])
+
+
+def test_inductor_batched_equals_unbatched():
+    case = make("dit")
+    plain = fora_fx.transform(copy.deepcopy(case.model), interval=2, batch_blocks=False,
+                              reuse_fusion_limit=None)
+    fast = fora_fx.transform(case.model, interval=2)
+    for e, g in zip(_run(plain, case, 4), _run(fast, case, 4), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert _batched(fast)["reuse"]
+
+
+def test_config_validates_new_fields():
+    with pytest.raises(TypeError, match="batch_blocks must be a bool"):
+        fora_fx.ForaConfig(batch_blocks=1)
+    with pytest.raises(ValueError, match="reuse_fusion_limit must be an int >= 2"):
+        fora_fx.ForaConfig(reuse_fusion_limit=1)
+    assert fusion_limit_patches(None) == {}
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "max_fusion_unique_io_buffers"):
+        assert fusion_limit_patches(16) == {"max_fusion_unique_io_buffers": 16}
