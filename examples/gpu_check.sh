@@ -2,7 +2,9 @@
 # The GPU check for issue 5, as one prepared command for the device tool (H100, torch 2.11
 # preinstalled, no diffusers, no network). Prepare the wheels here first (docs/benchmarks.md):
 #   run(command="bash examples/gpu_check.sh", carry=[".whl"], timeout_s=560)
-# Writes $OUT/*.json and $OUT/bench.md. Cudagraph skips are errors (TORCHINDUCTOR_CUDAGRAPH_OR_ERROR).
+# Writes $OUT/*.json (rewritten after every row, so a run cut off keeps what it measured) and
+# $OUT/bench.md. Cudagraph skips are errors (TORCHINDUCTOR_CUDAGRAPH_OR_ERROR). Ordered by
+# what matters most, each part under its own time limit. B counts CFG: --batch 1 is B=2.
 set -uo pipefail
 OUT="${OUT:-/tmp/fora_out}"; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -15,12 +17,16 @@ fi
 export TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-# Correctness first, on the GPU: FORA equals the eager reference at bf16 (CPU tests cover fp32).
-python3 -m fora_fx.cli bench --model tiny --steps 10 --repeats 1 --intervals 3 \
-  --json "$OUT/tiny.json" | tee "$OUT/bench.md"
-for b in 2 16; do
-  python3 -m fora_fx.cli bench --model dit-xl-2 --batch "$b" --steps 50 --repeats 3 \
-    --intervals 2,3,4,6 --json "$OUT/dit_b$b.json" | tee -a "$OUT/bench.md"
-done
-python3 -m fora_fx.cli bench --model pixart-512 --batch 2 --steps 50 --repeats 3 \
-  --intervals 3,6 --json "$OUT/pixart_b2.json" | tee -a "$OUT/bench.md"
+bench() {  # bench SECONDS NAME ARGS...
+  local limit=$1 name=$2; shift 2
+  timeout "$limit" python3 -m fora_fx.cli bench "$@" --json "$OUT/$name.json" \
+    2> >(tee "$OUT/$name.log" >&2) | tee -a "$OUT/bench.md"
+}
+# Correctness first, on the GPU: bf16, CUDA graphs, FORA equal to the eager FORA.
+bench 60 tiny --model tiny --steps 10 --repeats 1 --intervals 3 --no-compiled-peers
+# DiT-XL/2: B=2 with every row, then B=16; PixArt-alpha 512 (cross-attention) at B=2.
+bench 200 dit_b2 --model dit-xl-2 --batch 1 --steps 50 --repeats 3 --intervals 3,6
+bench 150 dit_b16 --model dit-xl-2 --batch 8 --steps 50 --repeats 3 --intervals 3,6 \
+  --no-compiled-peers
+bench 120 pixart_b2 --model pixart-512 --batch 1 --steps 50 --repeats 3 --intervals 3,6 \
+  --no-ablation --no-compiled-peers

@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--intervals", default="2,3,4,6", help="FORA intervals, comma-separated")
     bench.add_argument("--device", default=None, choices=["cuda", "cpu"])
     bench.add_argument("--json", default=None, metavar="PATH", help="also write rows as JSON")
+    bench.add_argument("--no-ablation", action="store_true",
+                       help="skip the fora_fx N=3 row without the batch pass / fusion limit")
+    bench.add_argument("--no-compiled-peers", action="store_true",
+                       help="skip cache-dit under torch.compile")
     bench.add_argument("--quick", action="store_true",
                        help="tiny model, 6 steps, 1 repeat, intervals 2,3: a CI smoke run")
     ev = sub.add_parser("eval", help="FORA's sample quality on the digits DiT vs its peers")
@@ -50,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
                   intervals=(2, 3) if args.quick else intervals)
     if args.device:
         setup.device = args.device
-    rows = run(setup, log=lambda s: print(s, file=sys.stderr, flush=True))
+    setup.ablation = not args.no_ablation
+    setup.compiled_peers = not args.no_compiled_peers
+
+    def checkpoint(rows: list) -> None:
+        if args.json:  # after every row: a run cut off by a time limit keeps what it measured
+            write_json(rows, setup, args.json)
+
+    rows = run(setup, log=lambda s: print(s, file=sys.stderr, flush=True),
+               checkpoint=checkpoint)
     print(markdown(rows, setup))
     if args.json:
         write_json(rows, setup, args.json)

@@ -22,10 +22,16 @@ def test_bench_quick_writes_json_and_table(tmp_path, capsys):
         row = rows[("fora_fx", n)]
         assert row["max_dev_vs_hook_fora"] < 1e-3
         assert row["graphs_compiled"] == 1 and row["cudagraph_skips"] == 0
+        assert row["recompiles"] == 0
         assert row["cache_mib"] > 0
         assert row["refresh_ms"] > 0 and row["reuse_ms"] > 0
-    assert rows[("cache-dit", 3)]["note"].startswith(("skipped", "installed"))
+    cd = rows[("cache-dit", 3)]
+    assert cd["note"].startswith("skipped") or cd["loop_s"] > 0
+    ablation = rows[("fora_fx -batch -limit", 3)]  # same samples without the two passes
+    assert ablation["max_dev_vs_hook_fora"] < 1e-3 and ablation["recompiles"] == 0
+    assert rows[("compiled", None)]["max_dev_vs_eager"] < 1e-3
     assert "| fora_fx | 3 |" in table
+    assert "N=3:" in table and "over compiled (target 2.5x)" in table  # the targets' check
 
 
 def test_bench_rejects_bad_intervals(capsys):
