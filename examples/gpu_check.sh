@@ -25,8 +25,8 @@ bench() {  # bench SECONDS NAME ARGS...
 # Correctness first, on the GPU: bf16, CUDA graphs, FORA equal to the eager FORA.
 bench 60 tiny --model tiny --steps 10 --repeats 1 --intervals 3 --no-compiled-peers
 # DiT-XL/2: B=2 with every row, then B=16; PixArt-alpha 512 (cross-attention) at B=2.
-bench 200 dit_b2 --model dit-xl-2 --batch 1 --steps 50 --repeats 3 --intervals 3,6
-bench 150 dit_b16 --model dit-xl-2 --batch 8 --steps 50 --repeats 3 --intervals 3,6 \
+bench 200 dit_b2 --model dit-xl-2 --batch 1 --steps 50 --repeats 3 --intervals 3,6 --profile
+bench 150 dit_b16 --model dit-xl-2 --batch 8 --steps 50 --repeats 3 --intervals 3,6 --profile \
   --no-compiled-peers
 bench 120 pixart_b2 --model pixart-512 --batch 1 --steps 50 --repeats 3 --intervals 3,6 \
   --no-ablation --no-compiled-peers

@@ -65,6 +65,11 @@ class Row:
     max_dev_vs_eager: float | None = None  # the compiled row: what compiling alone changes
     refresh_ms: float | None = None  # one transformer call that recomputes (fora_fx rows)
     reuse_ms: float | None = None  # one that reuses: FORA's per-step floor
+    # the same loop under torch.compiler.set_stance(skip_guard_eval_unsafe=True): what
+    # Dynamo's per-call guard checks cost (compiled and fora_fx rows)
+    loop_s_unguarded: float | None = None
+    # --profile: per step variant, {"kernels": n, "device_us": t, "top": [[name, n, us], ...]}
+    profile: dict[str, Any] | None = None
     device: str = ""
     note: str = ""
 
@@ -77,6 +82,7 @@ class Setup:
     repeats: int = 3
     intervals: tuple[int, ...] = (2, 3, 4, 6)
     ablation: bool = True  # also fora_fx N=3 without the batch pass and the fusion limit
+    profile: bool = False  # kernel-level profile of one refresh and one reuse step (N=3 rows)
     compiled_peers: bool = True  # also try cache-dit under torch.compile
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -163,6 +169,22 @@ def measure(fn: Callable[[], torch.Tensor], setup: Setup) -> tuple[float, float,
     return warmup, statistics.median(times), out
 
 
+def _timed(fn: Callable[[], torch.Tensor], setup: Setup) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(setup.device)
+    return time.perf_counter() - t0
+
+
+def _unguarded(fn: Callable[[], torch.Tensor], setup: Setup) -> float | None:
+    try:
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except TypeError:  # a torch without the option
+        return None
+    with torch.no_grad(), stance:
+        return statistics.median(_timed(fn, setup) for _ in range(setup.repeats))
+
+
 _WARM: dict[str, int] = {}
 
 
@@ -189,6 +211,38 @@ def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
                 times.append(1e3 * (time.perf_counter() - t0))
     api.reset(fast)
     return statistics.median(refresh), statistics.median(reuse)
+
+
+def kernel_profile(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
+                   top: int = 15) -> dict[str, Any]:
+    """Which kernels one refresh step (step 0) and one reuse step (step 1) run, how many and
+    for how long: torch.profiler's device kernels on CUDA (CPU ops on a CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = setup.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = torch.full((x.shape[0],), 500, device=x.device)
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        api.reset(fast)
+        for variant in ("refresh", "reuse"):
+            _sync(setup.device)
+            with profile(activities=activities) as prof:
+                fast(x, timestep=t, **kwargs)
+                _sync(setup.device)
+            events = [e for e in prof.key_averages()
+                      if (e.device_type == DeviceType.CUDA) == cuda and e.count]
+            timed = sorted(((e.key, e.count, (e.self_device_time_total if cuda
+                                             else e.self_cpu_time_total)) for e in events),
+                           key=lambda kv: -kv[2])
+            result[variant] = {
+                "kernels": sum(c for _, c, _ in timed),
+                "device_us": sum(us for _, _, us in timed),
+                "top": [[name[:80], c, round(us, 1)] for name, c, us in timed[:top]],
+            }
+    api.reset(fast)
+    return result
 
 
 def run(setup: Setup, log: Callable[[str], None] = print,
@@ -227,6 +281,8 @@ def run(setup: Setup, log: Callable[[str], None] = print,
             add(row)
             log(f"{row.method}: {row.note}")
             return None
+        if row.method == "compiled" or row.method.startswith("fora_fx"):
+            row.loop_s_unguarded = _unguarded(fn, setup)
         row.cudagraph_skips = int(counters["inductor"].get("cudagraph_skips", 0))
         row.graphs_compiled = int(counters["stats"].get("unique_graphs", 0))
         row.recompiles = row.graphs_compiled - _WARM.get("graphs", 0)
@@ -278,6 +334,10 @@ def run(setup: Setup, log: Callable[[str], None] = print,
             rows[-1].cache_mib = explain(fast).cache_bytes / 2**20
             if n > 1:
                 rows[-1].refresh_ms, rows[-1].reuse_ms = step_times(fast, x0, call0, setup)
+            if setup.profile and n == 3:
+                rows[-1].profile = kernel_profile(fast, x0, call0, setup)
+                if checkpoint is not None:
+                    checkpoint(rows)
         del fast
     for kind in ("taylorseer", "pab"):
         n = 3
@@ -399,7 +459,8 @@ def markdown(rows: list[Row], setup: Setup) -> str:
     head = (f"`fora-fx bench` — {setup.model}, {setup.batch} image(s) + {setup.batch} uncond "
             f"(B={2 * setup.batch}), {setup.steps} DDIM steps, {setup.dtype}, "
             f"torch {torch.__version__}\n\n")
-    cols = ["method", "N", "loop s", "× eager", "× compiled", "warm-up s", "cg skips",
+    cols = ["method", "N", "loop s", "× eager", "× compiled", "unguarded s", "warm-up s",
+            "cg skips",
             "graphs", "recompiles", "peak MiB", "cache MiB", "max dev", "refresh ms",
             "reuse ms", "device", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -410,12 +471,21 @@ def markdown(rows: list[Row], setup: Setup) -> str:
     for r in rows:
         lines.append("| " + " | ".join([
             r.method, f(r.interval), f(r.loop_s, ".4f"), f(r.speedup_vs_eager, ".2f"),
-            f(r.speedup_vs_compiled, ".2f"), f(r.warmup_s, ".1f"), f(r.cudagraph_skips),
+            f(r.speedup_vs_compiled, ".2f"), f(r.loop_s_unguarded, ".4f"),
+            f(r.warmup_s, ".1f"), f(r.cudagraph_skips),
             f(r.graphs_compiled), f(r.recompiles), f(r.peak_mem_mib, ".0f"), f(r.cache_mib, ".1f"),
             f(r.max_dev_vs_hook_fora if r.max_dev_vs_eager is None else r.max_dev_vs_eager,
               ".2e"), f(r.refresh_ms, ".2f"), f(r.reuse_ms, ".2f"),
             r.device, r.note]) + " |")
-    return head + "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows, setup))
+    text = head + "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows, setup))
+    for r in rows:
+        for variant, p in (r.profile or {}).items():
+            what = "kernels" if setup.device == "cuda" else "CPU ops"
+            text += (f"\n\n{r.method} N={r.interval}, one {variant} step: {p['kernels']} "
+                     f"{what}, {p['device_us'] / 1e3:.2f} ms\n\n"
+                     f"| {what[:-1]} | calls | us |\n|---|---|---|\n")
+            text += "\n".join(f"| `{name}` | {c} | {us} |" for name, c, us in p["top"])
+    return text
 
 
 def write_json(rows: list[Row], setup: Setup, path: str) -> None:

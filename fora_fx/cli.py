@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="skip the fora_fx N=3 row without the batch pass / fusion limit")
     bench.add_argument("--no-compiled-peers", action="store_true",
                        help="skip cache-dit under torch.compile")
+    bench.add_argument("--profile", action="store_true",
+                       help="kernel-level profile of one refresh and one reuse step (N=3)")
     bench.add_argument("--quick", action="store_true",
                        help="tiny model, 6 steps, 1 repeat, intervals 2,3: a CI smoke run")
     ev = sub.add_parser("eval", help="FORA's sample quality on the digits DiT vs its peers")
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         setup.device = args.device
     setup.ablation = not args.no_ablation
     setup.compiled_peers = not args.no_compiled_peers
+    setup.profile = args.profile
 
     def checkpoint(rows: list) -> None:
         if args.json:  # after every row: a run cut off by a time limit keeps what it measured

@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from zoo import CASES, make, output_tensor
 
 import fora_fx
@@ -132,3 +134,37 @@ def test_config_validates_new_fields():
 
     if hasattr(inductor_config, "max_fusion_unique_io_buffers"):
         assert fusion_limit_patches(16) == {"max_fusion_unique_io_buffers": 16}
+
+
+@settings(max_examples=6)
+@given(
+    depth=st.integers(2, 4),
+    heads=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from([8, 16]),
+    interval=st.integers(2, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_random_dits_batched_equal_unbatched(depth, heads, head_dim, interval, seed):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim,
+                                  in_channels=4, out_channels=4, num_layers=depth,
+                                  sample_size=4, patch_size=2, num_embeds_ada_norm=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not bool(p.ne(0).any()):  # adaLN-Zero: give every gate a value
+                p.normal_(0, 0.05)
+    plain = fora_fx.transform(copy.deepcopy(model), interval=interval, compiler="eager",
+                              batch_blocks=False)
+    fast = fora_fx.transform(model, interval=interval, compiler="eager")
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([1, 3])
+    for k in range(interval + 2):
+        t = torch.full((2,), 900.0 - 100 * k)
+        with torch.no_grad():
+            e = plain(x, timestep=t, class_labels=y).sample
+            o = fast(x, timestep=t, class_labels=y).sample
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
+    (run,) = _batched(fast)["reuse"]
+    assert run.blocks == tuple(range(depth)) and len(run.stacks) == 7
