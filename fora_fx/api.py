@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from . import guards
 from .backend import backend
 from .capture import module_paths
 from .config import ForaConfig
@@ -56,17 +57,40 @@ class ForaModule(torch.nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad(), active(self._fora_runtime, self._fora_paths):
-            try:
+        runtime = self._fora_runtime
+        # fora_fx/guards.py: when a call may skip Dynamo's guard evaluation
+        sig = guards.signature(args, kwargs) if self._fora_config.skip_guards else None
+        stance = None
+        continuing = sig is not None and runtime.continuing()
+        if continuing and self.__dict__.get("_fora_last") == (sig, self._fora_state()):
+            stance = guards.unguarded()
+        with torch.no_grad(), active(runtime, self._fora_paths):
+            if stance is not None:
+                with stance:
+                    out = self._fora_compiled(*args, **kwargs)
+                runtime.stats.unguarded += 1
+            else:
+                out = self._guarded(args, kwargs)
+        if sig is not None:  # what the next call must repeat to skip the guards
+            if "_fora_last_param" not in self.__dict__:  # walking them all costs ~1 ms
+                self.__dict__["_fora_last_param"] = guards.last_parameter(self._fora_model)
+            self.__dict__["_fora_last"] = (sig, self._fora_state())
+        return out
+
+    def _fora_state(self) -> tuple:
+        return guards.model_state(self._fora_model, self.__dict__.get("_fora_last_param"))
+
+    def _guarded(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        try:
+            return self._fora_compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # Dynamo keeps one cache per code object: every model of this class (and every
+            # input shape) compiled in this process counts toward recompile_limit (8),
+            # though this model only needs an entry per input shape. Raise the limit for
+            # this call only, rather than fail or silently fall back to eager.
+            limit = max(torch._dynamo.config.recompile_limit, 64)
+            with torch._dynamo.config.patch(recompile_limit=limit):
                 return self._fora_compiled(*args, **kwargs)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:
-                # Dynamo keeps one cache per code object: every model of this class (and every
-                # input shape) compiled in this process counts toward recompile_limit (8),
-                # though this model only needs an entry per input shape. Raise the limit for
-                # this call only, rather than fail or silently fall back to eager.
-                limit = max(torch._dynamo.config.recompile_limit, 64)
-                with torch._dynamo.config.patch(recompile_limit=limit):
-                    return self._fora_compiled(*args, **kwargs)
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:

@@ -41,6 +41,12 @@ class ForaConfig:
                    as one computation vmapped over blocks (passes/batch.py): a few kernels
                    instead of a few per block. Re-homes those parameters into stacked
                    tensors on the first call (fora_fx/stacks.py); False leaves them alone.
+    skip_guards:   a ForaModule call that continues a generation with inputs of the same
+                   structure, shapes, dtypes and devices as the previous call (same model
+                   mode, autocast state and parameter storage) runs with Dynamo's guard
+                   evaluation skipped (torch.compiler.set_stance(skip_guard_eval_unsafe)):
+                   guards cost more host time than a reuse step takes on a GPU. The first
+                   call of every generation, and any call that differs, is fully guarded.
     reuse_fusion_limit: the most distinct buffers one fused kernel of the reuse graph may
                    read or write (Inductor's max_fusion_unique_io_buffers, for that compile
                    only). Keeps Inductor from fusing the whole cached residual chain into
@@ -56,6 +62,7 @@ class ForaConfig:
     compiler: str = "inductor"
     mode: str | None = None
     batch_blocks: bool = True
+    skip_guards: bool = True
     reuse_fusion_limit: int | None = 16
 
     def __post_init__(self) -> None:
@@ -81,6 +88,8 @@ class ForaConfig:
             )
         if not isinstance(self.batch_blocks, bool):
             raise TypeError(f"ForaConfig.batch_blocks must be a bool, got {self.batch_blocks!r}")
+        if not isinstance(self.skip_guards, bool):
+            raise TypeError(f"ForaConfig.skip_guards must be a bool, got {self.skip_guards!r}")
         if self.reuse_fusion_limit is not None:
             _require_int("reuse_fusion_limit", self.reuse_fusion_limit, 2)
         if self.mode not in MODES:

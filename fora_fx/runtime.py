@@ -87,6 +87,7 @@ class Stats:
     refreshes: int = 0
     reuses: int = 0
     history: list[bool] = field(default_factory=list)  # per call: True = refreshed (last 4096)
+    unguarded: int = 0  # calls run with Dynamo's guard evaluation skipped (ForaModule)
 
 
 @dataclass
@@ -233,6 +234,21 @@ class Runtime:
         branch.calls += 1
         if self.source is None and num_steps is not None and branch.calls >= num_steps:
             branch.calls, branch.owner = 0, None  # counted steps wrap: a new generation
+
+    def continuing(self) -> bool:
+        """True iff the next call continues a generation under way (is not its first call).
+
+        Pure reads: the pipeline's scheduler, or the branch's counted calls."""
+        if self.released:
+            return False
+        if self.source is not None:
+            token, step, _ = self.source.position()
+            if token is not self._token:
+                return False
+            if step is not None:
+                return step > 0
+        branch = self.branches.get(self.context if self.context is not None else DEFAULT_BRANCH)
+        return branch is not None and branch.calls > 0 and branch.owner is not None
 
     def reset(self) -> None:
         """The next call is step 0 of a new generation; no cached value is read again."""
