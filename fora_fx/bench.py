@@ -45,6 +45,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(cls="DiTTransformer2DModel", num_layers=2, num_attention_heads=2,
                  attention_head_dim=16, in_channels=4, out_channels=8, sample_size=8,
                  patch_size=2, num_embeds_ada_norm=1000),
+    # the PixArt path of the harness (caption tokens, cross-attention), CPU-sized
+    "tiny-pixart": dict(cls="PixArtTransformer2DModel", num_layers=2, num_attention_heads=2,
+                        attention_head_dim=16, in_channels=4, out_channels=8, sample_size=8,
+                        patch_size=2, cross_attention_dim=32, caption_channels=24,
+                        use_additional_conditions=False),
 }
 
 
@@ -77,7 +82,7 @@ class Row:
 @dataclass
 class Setup:
     model: str = "dit-xl-2"
-    batch: int = 2
+    batch: int = 1  # images; the model sees 2 * batch (CFG)
     steps: int = 50
     repeats: int = 3
     intervals: tuple[int, ...] = (2, 3, 4, 6)

@@ -10,8 +10,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fora-fx", description="FORA as a torch.compile pass")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time FORA against eager, torch.compile and peers")
-    bench.add_argument("--model", default=None, choices=["dit-xl-2", "pixart-512", "tiny"])
-    bench.add_argument("--batch", type=int, default=2, help="images per call (CFG doubles it)")
+    bench.add_argument("--model", default=None,
+                       choices=["dit-xl-2", "pixart-512", "tiny", "tiny-pixart"])
+    bench.add_argument("--batch", type=int, default=1,
+                       help="images per call; CFG doubles it (1: B=2, as DESIGN.md's anchors)")
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--intervals", default="2,3,4,6", help="FORA intervals, comma-separated")

@@ -40,3 +40,17 @@ def test_bench_rejects_bad_intervals(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--intervals", "0,3"])
     assert "--intervals must be positive integers" in capsys.readouterr().err
+
+
+def test_bench_pixart_path_with_profile(tmp_path, capsys):
+    """The PixArt branch of the harness (captions, no cache-dit adapter) and --profile."""
+    path = tmp_path / "pixart.json"
+    assert cli.main(["bench", "--model", "tiny-pixart", "--device", "cpu", "--steps", "4",
+                     "--repeats", "1", "--intervals", "3", "--no-ablation",
+                     "--no-compiled-peers", "--profile", "--json", str(path)]) == 0
+    rows = {(r["method"], r["interval"]): r for r in json.loads(path.read_text())["rows"]}
+    fora = rows[("fora_fx", 3)]
+    assert fora["max_dev_vs_hook_fora"] < 1e-3 and fora["recompiles"] == 0
+    assert fora["profile"]["reuse"]["kernels"] < fora["profile"]["refresh"]["kernels"]
+    assert rows[("cache-dit", 3)]["note"].startswith("skipped")
+    assert "one reuse step:" in capsys.readouterr().out
