@@ -1,0 +1,183 @@
+"""`fora-fx bench`'s run: every method on its own copy of one model, in one process, on one
+device; a row per method."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import api
+from ..capture import capture, module_paths
+from ..config import ForaConfig
+from ..explain import explain
+from ..passes import locate
+from ..peers import DiffusersHook, HookFora
+from .setup import MODELS, Row, Setup, build, device_name, sample
+from .timing import WARM, kernel_profile, measure, step_times, unguarded
+
+
+def run(setup: Setup, log: Callable[[str], None] = print,
+        checkpoint: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """All rows, in order. `checkpoint(rows)` runs after each row (a GPU run that hits its
+    time limit still leaves what it measured)."""
+    from torch._dynamo.utils import counters
+
+    base, inputs = build(setup)
+    # Each method gets its own copy on the device and frees it afterwards, so a row's peak
+    # memory is one model plus what the method itself holds.
+    base = base.cpu()
+
+    def fresh() -> torch.nn.Module:
+        return copy.deepcopy(base).to(setup.device)
+
+    call0 = {k: v for k, v in inputs.items() if k != "noise"}
+    x0 = torch.cat([inputs["noise"]] * 2)
+    gm, _ = capture(fresh(), x0, timestep=torch.ones(x0.shape[0], device=x0.device), **call0)
+    sites = [s.module_path for s in locate(gm, module_paths(base)).sites]
+    torch._dynamo.reset()
+    name = device_name(setup.device)
+    rows: list[Row] = []
+    refs: dict[int, torch.Tensor] = {}
+    mode = "reduce-overhead" if setup.device == "cuda" else None
+
+    def record(row: Row, fn: Callable[[], torch.Tensor],
+               ref: torch.Tensor | None = None) -> torch.Tensor | None:
+        _release(setup.device)  # earlier rows' compiled code, CUDA graph pools and models
+        counters.clear()
+        try:
+            with torch.no_grad():
+                row.warmup_s, row.loop_s, out = measure(fn, setup)
+        except Exception as e:  # a peer that fails here is reported, not fatal
+            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            add(row)
+            log(f"{row.method}: {row.note}")
+            return None
+        if row.method == "compiled" or row.method.startswith("fora_fx"):
+            row.loop_s_unguarded = unguarded(fn, setup)
+        row.cudagraph_skips = int(counters["inductor"].get("cudagraph_skips", 0))
+        row.graphs_compiled = int(counters["stats"].get("unique_graphs", 0))
+        row.recompiles = row.graphs_compiled - WARM.get("graphs", 0)
+        if ref is not None:
+            row.max_dev_vs_hook_fora = float((out.float() - ref.float()).abs().max())
+        if setup.device == "cuda":
+            row.peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
+        row.device = name
+        add(row)
+        log(f"{row.method:<22} N={row.interval or '-'}  {row.loop_s:.4f} s  {row.note}")
+        return out
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        _speedups(rows)
+        if checkpoint is not None:
+            checkpoint(rows)
+
+    def sampler(m: Any, on_step: Callable[[int], None] | None = None,
+                before: Callable[[], None] | None = None) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            if before is not None:
+                before()
+            return sample(m, inputs, setup.steps, on_step=on_step)
+        return fn
+
+    eager_out = record(Row("eager", None), sampler(fresh()))
+    compiled = torch.compile(fresh(), fullgraph=True, dynamic=False, mode=mode)
+    out = record(Row("compiled", None, note=f"mode={mode or 'default'}"), sampler(compiled))
+    if out is not None and eager_out is not None:
+        rows[-1].max_dev_vs_eager = float((out.float() - eager_out.float()).abs().max())
+    del compiled
+    for n in setup.intervals:
+        hook_model = fresh()
+        fora = HookFora(hook_model, sites, n)
+        ref = record(Row("hook-fora (official)", n),
+                     sampler(hook_model, before=fora.start_generation))
+        if ref is not None:
+            refs[n] = ref
+    variants = [("fora_fx", n, ForaConfig(interval=n, mode=mode)) for n in setup.intervals]
+    if setup.ablation and 3 in setup.intervals:  # what the batch pass + fusion limit buy
+        variants.append(("fora_fx -batch -limit", 3, ForaConfig(
+            interval=3, mode=mode, batch_blocks=False, reuse_fusion_limit=None)))
+    for method, n, cfg in variants:
+        fast = api.transform(fresh(), cfg)
+        out = record(Row(method, n), sampler(fast, before=functools.partial(api.reset, fast)),
+                     ref=refs.get(n))
+        if out is not None:
+            rows[-1].cache_mib = explain(fast).cache_bytes / 2**20
+            if n > 1:
+                rows[-1].refresh_ms, rows[-1].reuse_ms = step_times(fast, x0, call0, setup)
+            if setup.profile and n == 3:
+                rows[-1].profile = kernel_profile(fast, x0, call0, setup)
+                if checkpoint is not None:
+                    checkpoint(rows)
+        del fast
+    for kind in ("taylorseer", "pab"):
+        n = 3
+        current = {"t": 999}  # PAB reads the step's timestep through a callback
+        m = fresh()
+        try:
+            hook = DiffusersHook(m, kind, n, timestep=functools.partial(current.__getitem__, "t"),
+                                 site_paths=sites)
+        except Exception as e:
+            add(Row(f"diffusers {kind}", n, device=name,
+                    note=f"skipped: {type(e).__name__}: {e}"[:160]))
+            continue
+        record(Row(f"diffusers {kind}", n), sampler(
+            hook, on_step=functools.partial(current.__setitem__, "t"),
+            before=hook.start_generation))
+    _cache_dit_rows(setup, fresh, name, record, add, sampler)
+    return rows
+
+
+def _release(device: str) -> None:
+    import gc
+
+    torch._dynamo.reset()  # also frees CUDA-graph trees' memory pools
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _speedups(rows: list[Row]) -> None:
+    eager = next((r.loop_s for r in rows if r.method == "eager"), None)
+    comp = next((r.loop_s for r in rows if r.method == "compiled"), None)
+    for r in rows:
+        if r.loop_s:
+            r.speedup_vs_eager = eager / r.loop_s if eager else None
+            r.speedup_vs_compiled = comp / r.loop_s if comp else None
+
+
+def _cache_dit_rows(setup: Setup, fresh: Callable[[], torch.nn.Module], name: str,
+                    record: Callable,
+                    add: Callable[[Row], None], sampler: Callable) -> None:
+    """cache-dit's DBCache (F1B0, static mask every 3rd step), eager and, where it works,
+    under torch.compile (cache-dit decides in Python, so expect graph breaks)."""
+    from .. import peers_cachedit
+
+    if not peers_cachedit.available():
+        add(Row("cache-dit", 3, device=name, note="skipped: cache_dit not installed"))
+        return
+    if MODELS[setup.model]["cls"] != "DiTTransformer2DModel":
+        add(Row("cache-dit", 3, device=name, note="skipped: the adapter covers DiT only"))
+        return
+    kinds = [("cache-dit", False)] + ([("cache-dit + compile", True)]
+                                      if setup.compiled_peers else [])
+    for method, compiled in kinds:
+        try:
+            peer = peers_cachedit.CacheDitPeer(fresh(), 3, setup.steps)
+            fn: Any = peer
+            if compiled:
+                import cache_dit
+
+                cache_dit.set_compile_configs()
+                fn = torch.compile(peer.model, dynamic=False)
+        except Exception as e:
+            add(Row(method, 3, device=name, note=f"skipped: {type(e).__name__}: {e}"[:160]))
+            continue
+        record(Row(method, 3, note="DBCache F1B0, static mask"),
+               sampler(fn, before=peer.start_generation))
+
+

@@ -1,0 +1,129 @@
+"""What `fora-fx bench` measures on: model configs, the row and setup records, the model and
+its sampler inputs, and the DDIM loop every method runs."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MODELS: dict[str, dict[str, Any]] = {
+    # diffusers DiT-XL/2 at 256x256 (32x32 latents), the config DiT-XL-2-256 ships
+    "dit-xl-2": dict(cls="DiTTransformer2DModel", num_layers=28, num_attention_heads=16,
+                     attention_head_dim=72, in_channels=4, out_channels=8, sample_size=32,
+                     patch_size=2, num_embeds_ada_norm=1000),
+    # PixArt-alpha XL/2 at 512x512 (64x64 latents), with cross-attention to T5 tokens
+    "pixart-512": dict(cls="PixArtTransformer2DModel", num_layers=28, num_attention_heads=16,
+                       attention_head_dim=72, in_channels=4, out_channels=8, sample_size=64,
+                       patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+                       use_additional_conditions=False),
+    "tiny": dict(cls="DiTTransformer2DModel", num_layers=2, num_attention_heads=2,
+                 attention_head_dim=16, in_channels=4, out_channels=8, sample_size=8,
+                 patch_size=2, num_embeds_ada_norm=1000),
+    # the PixArt path of the harness (caption tokens, cross-attention), CPU-sized
+    "tiny-pixart": dict(cls="PixArtTransformer2DModel", num_layers=2, num_attention_heads=2,
+                        attention_head_dim=16, in_channels=4, out_channels=8, sample_size=8,
+                        patch_size=2, cross_attention_dim=32, caption_channels=24,
+                        use_additional_conditions=False),
+}
+
+
+@dataclass
+class Row:
+    method: str
+    interval: int | None
+    loop_s: float | None = None
+    speedup_vs_eager: float | None = None
+    speedup_vs_compiled: float | None = None
+    warmup_s: float | None = None
+    cudagraph_skips: int | None = None
+    graphs_compiled: int | None = None  # Dynamo graphs compiled, warm-up loop included
+    recompiles: int | None = None  # graphs compiled during the timed loops: should be 0
+    peak_mem_mib: float | None = None
+    cache_mib: float | None = None
+    max_dev_vs_hook_fora: float | None = None
+    max_dev_vs_eager: float | None = None  # the compiled row: what compiling alone changes
+    refresh_ms: float | None = None  # one transformer call that recomputes (fora_fx rows)
+    reuse_ms: float | None = None  # one that reuses: FORA's per-step floor
+    # the same loop under torch.compiler.set_stance(skip_guard_eval_unsafe=True): what
+    # Dynamo's per-call guard checks cost (compiled and fora_fx rows)
+    loop_s_unguarded: float | None = None
+    # --profile: per step variant, {"kernels": n, "device_us": t, "top": [[name, n, us], ...]}
+    profile: dict[str, Any] | None = None
+    device: str = ""
+    note: str = ""
+
+
+@dataclass
+class Setup:
+    model: str = "dit-xl-2"
+    batch: int = 1  # images; the model sees 2 * batch (CFG)
+    steps: int = 50
+    repeats: int = 3
+    intervals: tuple[int, ...] = (2, 3, 4, 6)
+    ablation: bool = True  # also fora_fx N=3 without the batch pass and the fusion limit
+    profile: bool = False  # kernel-level profile of one refresh and one reuse step (N=3 rows)
+    compiled_peers: bool = True  # also try cache-dit under torch.compile
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device == "cuda" else torch.float32
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def build(setup: Setup) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The random-weight model and the sampler's inputs: noise and conditioning."""
+    import diffusers
+
+    spec = dict(MODELS[setup.model])
+    torch.manual_seed(0)
+    model = getattr(diffusers, spec.pop("cls"))(**spec).eval()
+    with torch.no_grad():  # adaLN-Zero initialises gates to zero: make every block count
+        for p in model.parameters():
+            if not bool(p.ne(0).any()):
+                p.normal_(0, 0.02)
+    model = model.to(setup.device, setup.dtype)
+    n, side = 2 * setup.batch, spec["sample_size"]
+    g = torch.Generator().manual_seed(1)
+    extra: dict[str, Any] = {}
+    if "caption_channels" in spec:
+        emb = torch.randn(n, 120, spec["caption_channels"], generator=g)
+        extra = dict(encoder_hidden_states=emb.to(setup.device, setup.dtype),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    else:
+        labels = [207] * setup.batch + [1000] * setup.batch  # cond, then the null class
+        extra = dict(class_labels=torch.tensor(labels, device=setup.device))
+    noise = torch.randn(setup.batch, 4, side, side, generator=g).to(setup.device, setup.dtype)
+    return model, dict(noise=noise, **extra)
+
+
+def sample(model: Callable[..., Any], inputs: dict[str, Any], steps: int, cfg: float = 4.0,
+           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """DDIM (eta 0) with batched classifier-free guidance; host-side control only."""
+    from diffusers import DDIMScheduler
+
+    sched: Any = DDIMScheduler()
+    sched.set_timesteps(steps)
+    kwargs = {k: v for k, v in inputs.items() if k != "noise"}
+    x = inputs["noise"]  # [B, 4, H, W]
+    for t in sched.timesteps:
+        if on_step is not None:
+            on_step(int(t))
+        x_in = torch.cat([x, x])  # [2B, 4, H, W]: cond, uncond
+        ts = t.to(x.device).expand(x_in.shape[0])
+        out = model(x_in, timestep=ts, **kwargs).sample[:, :4].float()
+        cond, uncond = out.chunk(2)
+        eps = uncond + cfg * (cond - uncond)
+        x = sched.step(eps, t, x.float()).prev_sample.to(x.dtype)
+    return x
+
+

@@ -1,0 +1,117 @@
+"""How `fora-fx bench` times: whole loops, single refresh / reuse steps, and a kernel-level
+profile of each, device-synchronized."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import api
+from .setup import Setup
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], torch.Tensor], setup: Setup) -> tuple[float, float, torch.Tensor]:
+    """(warm-up seconds, median loop seconds, output). Peak memory is reset after the
+    warm-up loop, so it is the steady state's, not the compiler's."""
+    sync(setup.device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(setup.device)
+    warmup = time.perf_counter() - t0
+    if setup.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    mark_warm()
+    times = []
+    for _ in range(setup.repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(setup.device)
+        times.append(time.perf_counter() - t0)
+    return warmup, statistics.median(times), out
+
+
+def timed(fn: Callable[[], torch.Tensor], setup: Setup) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync(setup.device)
+    return time.perf_counter() - t0
+
+
+def unguarded(fn: Callable[[], torch.Tensor], setup: Setup) -> float | None:
+    try:
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except TypeError:  # a torch without the option
+        return None
+    with torch.no_grad(), stance:
+        return statistics.median(timed(fn, setup) for _ in range(setup.repeats))
+
+
+WARM: dict[str, int] = {}
+
+
+def mark_warm() -> None:
+    from torch._dynamo.utils import counters
+
+    WARM["graphs"] = int(counters["stats"].get("unique_graphs", 0))
+
+
+def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
+               reps: int = 5) -> tuple[float, float]:
+    """Median ms of a refresh call (step 0) and a reuse call (step 1) of a transformed model."""
+    t = torch.full((x.shape[0],), 500, device=x.device)
+    refresh: list[float] = []
+    reuse: list[float] = []
+    with torch.no_grad():
+        for _ in range(reps):
+            api.reset(fast)
+            for times in (refresh, reuse):
+                sync(setup.device)
+                t0 = time.perf_counter()
+                fast(x, timestep=t, **kwargs)
+                sync(setup.device)
+                times.append(1e3 * (time.perf_counter() - t0))
+    api.reset(fast)
+    return statistics.median(refresh), statistics.median(reuse)
+
+
+def kernel_profile(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
+                   top: int = 15) -> dict[str, Any]:
+    """Which kernels one refresh step (step 0) and one reuse step (step 1) run, how many and
+    for how long: torch.profiler's device kernels on CUDA (CPU ops on a CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = setup.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = torch.full((x.shape[0],), 500, device=x.device)
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        api.reset(fast)
+        for variant in ("refresh", "reuse"):
+            sync(setup.device)
+            with profile(activities=activities) as prof:
+                fast(x, timestep=t, **kwargs)
+                sync(setup.device)
+            events = [e for e in prof.key_averages()
+                      if (e.device_type == DeviceType.CUDA) == cuda and e.count]
+            timed = sorted(((e.key, e.count, (e.self_device_time_total if cuda
+                                             else e.self_cpu_time_total)) for e in events),
+                           key=lambda kv: -kv[2])
+            result[variant] = {
+                "kernels": sum(c for _, c, _ in timed),
+                "device_us": sum(us for _, _, us in timed),
+                "top": [[name[:80], c, round(us, 1)] for name, c, us in timed[:top]],
+            }
+    api.reset(fast)
+    return result
+
+
