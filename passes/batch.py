@@ -226,10 +226,66 @@ def _trace(template: GraphModule, inputs: list[Any], g: int) -> GraphModule | No
     return traced
 
 
+_RANDOM = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial")
+
+
+def _key(node: Node) -> Any:
+    """What makes two pure nodes compute the same value: op, target and argument identity."""
+    def norm(x: Any) -> Any:
+        if isinstance(x, Node):
+            return ("node", id(x))
+        if isinstance(x, (list, tuple)):
+            return (type(x), tuple(norm(v) for v in x))
+        if isinstance(x, dict):
+            return (dict, tuple(sorted((k, norm(v)) for k, v in x.items())))
+        if isinstance(x, slice):
+            return (slice, norm(x.start), norm(x.stop), norm(x.step))
+        hash(x)  # raises for an unhashable constant: no key, no merge
+        return (type(x), x)
+
+    return (node.op, node.target, norm(node.args), norm(node.kwargs))
+
+
+def merge_outside_duplicates(gm: GraphModule, paths: Mapping[str, str]) -> int:
+    """Replaces nodes outside every block by an identical earlier node, if there is one.
+
+    DiT's final layer re-runs block 0's embedder on the same inputs. Once block 0's copy is
+    batched, the two no longer look alike to AOTAutograd's CSE, and the final layer would
+    run the embedder a second time (5 kernels per step). Merging them first lets the final
+    layer read block 0's batched result. Nodes inside blocks are left alone: merging the
+    blocks' identical timestep projections would hide from the batch pass that every block
+    computes them.
+    """
+    seen: dict[Any, Node] = {}
+    merged = 0
+    for n in list(gm.graph.nodes):
+        if n.op not in _COMPUTE or n.target in _IMPURE or n.is_impure():
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):
+            continue  # in place: two calls are two writes, not one value
+        if any(word in str(n.target).lower() for word in _RANDOM):
+            continue
+        try:
+            key = _key(n)
+        except TypeError:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = n
+        elif _block_of(n, paths) is None:
+            n.replace_all_uses_with(first)
+            gm.graph.erase_node(n)
+            merged += 1
+    return merged
+
+
 def batch_blocks(gm: GraphModule, paths: Mapping[str, str] | None = None) -> list[Batched]:
     """Batches the per-block conditioning of every run of identical blocks, in place."""
     paths = paths or {}
     graph = gm.graph
+    if merge_outside_duplicates(gm, paths):
+        gm.recompile()
     done: list[Batched] = []
     stacked: set[Node] = set()
     for prefix, idxs, nodes in _runs(gm, paths):

@@ -168,3 +168,35 @@ def test_random_dits_batched_equal_unbatched(depth, heads, head_dim, interval, s
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
     (run,) = _batched(fast)["reuse"]
     assert run.blocks == tuple(range(depth)) and len(run.stacks) == 7
+
+
+def test_outside_duplicates_merge_only_pure_nodes():
+    from fora_fx.passes.batch import merge_outside_duplicates
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            a, b = torch.sin(x), torch.sin(x)  # one value computed twice: merged
+            r1, r2 = torch.rand_like(x), torch.rand_like(x)  # two draws: kept
+            y = x.clone()
+            y.add_(1)
+            y.add_(1)  # two writes: kept
+            return a + b + r1 + r2 + y
+
+    gm = torch.fx.symbolic_trace(M())
+    assert merge_outside_duplicates(gm, {}) == 1
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(torch.sin) == 1 and targets.count(torch.rand_like) == 2
+    assert targets.count("add_") == 2
+
+
+def test_dit_final_layer_reads_block_0s_batched_conditioning():
+    """DiT's final layer re-runs block 0's embedder; after batching it must not run it
+    again from block 0's own weights."""
+    case = make("dit")
+    fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    _run(fast, case, 2)
+    (pair,) = fast._fora_runtime.pairs
+    for variant in ("refresh", "reuse"):
+        weight = next(n for n in pair.graphs[variant].graph.find_nodes(op="placeholder")
+                      if "blocks_modules_0" in n.name and "linear_1_parameters_weight" in n.name)
+        assert not weight.users, variant
