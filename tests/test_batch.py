@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zoo import CASES, make, output_tensor
+from zoo import CASES, make, run_steps
 
 import fora_fx
 from fora_fx import stacks
@@ -20,12 +20,7 @@ SEED = 3
 
 
 def _run(model, case, steps, seed=SEED):
-    outs = []
-    for k in range(steps):
-        args, kwargs = case.inputs(k, seed)
-        with torch.no_grad():
-            outs.append(output_tensor(model(*args, **kwargs)))
-    return outs
+    return run_steps(model, case, steps, seed)
 
 
 def _batched(fast) -> dict[str, list]:

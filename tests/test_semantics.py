@@ -7,7 +7,7 @@ import pytest
 import torch
 import toy
 from reference import EagerFora
-from zoo import CASES, make, output_tensor
+from zoo import CASES, make, run_steps
 
 import fora_fx
 
@@ -15,12 +15,7 @@ SEED = 7
 
 
 def _run(model, case, steps, seed=SEED):
-    outs = []
-    for k in range(steps):
-        args, kwargs = case.inputs(k, seed)
-        with torch.no_grad():
-            outs.append(output_tensor(model(*args, **kwargs)))
-    return outs
+    return run_steps(model, case, steps, seed)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

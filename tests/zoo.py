@@ -81,6 +81,16 @@ def _finish(model: nn.Module) -> nn.Module:
     return model.float().eval()
 
 
+def run_steps(model, case: Case, steps: int, seed: int) -> list[torch.Tensor]:
+    """The main output of `steps` calls of `model` on the case's inputs for steps 0, 1, ..."""
+    outs = []
+    for k in range(steps):
+        args, kwargs = case.inputs(k, seed)
+        with torch.no_grad():
+            outs.append(output_tensor(model(*args, **kwargs)))
+    return outs
+
+
 def output_tensor(out) -> torch.Tensor:
     """The main tensor of a model output (``.sample``, ``tuple[0]`` or the tensor itself)."""
     if isinstance(out, torch.Tensor):
