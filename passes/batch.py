@@ -94,6 +94,8 @@ class _Run:
             return all(type(a) is type(a0) and len(a) == len(a0) for a in others) and all(
                 self._same(x0, [a[i] for a in others], groups, shared) for i, x0 in enumerate(a0)
             )
+        if isinstance(a0, torch.Tensor):
+            return False  # a tensor constant: == would compare elements
         if not isinstance(a0, Node):
             return all(type(a) is type(a0) and a == a0 for a in others)
         if not all(isinstance(a, Node) for a in others):
