@@ -113,9 +113,11 @@ class _Run:
             group
         ):
             vals = [a.meta.get("example_value") for a in group]
+            # Each slice of a stack must start 16-byte aligned, as every parameter did:
+            # compiled kernels assume it, and a misaligned input is copied on every call.
             if all(isinstance(v, torch.Tensor) for v in vals) and all(
                 v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals
-            ):
+            ) and vals[0].numel() * vals[0].element_size() % 16 == 0:
                 groups.append(group)
                 return True
         return False

@@ -195,3 +195,27 @@ def test_dit_final_layer_reads_block_0s_batched_conditioning():
         weight = next(n for n in pair.graphs[variant].graph.find_nodes(op="placeholder")
                       if "blocks_modules_0" in n.name and "linear_1_parameters_weight" in n.name)
         assert not weight.users, variant
+
+
+class _Blocks(torch.nn.Module):
+    """h = h + lin_i(c) per block: the conditioning is batchable, the stream is not."""
+
+    def __init__(self, width: int, depth: int = 3):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, h, c):
+        for block in self.blocks:
+            h = h + block(c)
+        return h
+
+
+def test_stacks_keep_every_slice_16_byte_aligned():
+    from fora_fx.passes import batch_blocks
+
+    from fora_fx.capture import capture, module_paths
+
+    for width, batched in ((4, True), (3, False)):  # fp32: 4x4 = 64 B; 3x3 = 36 B per weight
+        model = _Blocks(width)
+        gm, _ = capture(model, torch.randn(2, width), torch.randn(2, width))
+        assert bool(batch_blocks(gm, module_paths(model))) is batched, width
