@@ -71,7 +71,8 @@ class ForaModule(torch.nn.Module):
                 runtime.stats.unguarded += 1
             else:
                 out = self._guarded(args, kwargs)
-        if sig is not None:  # what the next call must repeat to skip the guards
+        if sig is not None and stance is None:  # what the next call must repeat to skip
+            # the guards (after an unguarded call it is what it was: that is why it ran so)
             if "_fora_last_param" not in self.__dict__:  # walking them all costs ~1 ms
                 self.__dict__["_fora_last_param"] = guards.last_parameter(self._fora_model)
             self.__dict__["_fora_last"] = (sig, self._fora_state())

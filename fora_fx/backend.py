@@ -7,6 +7,7 @@ registers it, guarded so that both paths work in either order (DESIGN.md section
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -113,10 +114,8 @@ def _example_stack(params: Sequence[torch.Tensor]) -> torch.Tensor:
     from torch._guards import detect_fake_mode
 
     p = params[0]
-    mode = detect_fake_mode()
-    if mode is None:  # not under Dynamo (a hand-built graph): a real, unused allocation
-        return torch.empty((len(params), *p.shape), dtype=p.dtype, device=p.device)
-    with mode:
+    mode = detect_fake_mode()  # None outside Dynamo (a hand-built graph): a real allocation
+    with mode if mode is not None else contextlib.nullcontext():
         return torch.empty((len(params), *p.shape), dtype=p.dtype, device=p.device)
 
 

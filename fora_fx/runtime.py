@@ -120,8 +120,7 @@ class Runtime:
         self.stats = Stats()
         self._token: object = None  # the source's generation marker
         self._step_key: int | None = None  # step index of the previous call
-        self._stacks: dict[tuple[CompiledPair, str], list[torch.Tensor]] = {}
-        self._stacked = WeakIdKeyDictionary()  # parameters re-homed into stacks (for release)
+        self._stacks: dict[tuple[CompiledPair, tuple[int, ...]], torch.Tensor] = {}
         self._calls_this_step = 0
         self._lock = threading.Lock()
 
@@ -208,21 +207,18 @@ class Runtime:
     def _stack_inputs(self, pair: CompiledPair, variant: str, args: Sequence[Any]) -> list:
         """The stacked parameters a variant reads (fora_fx/stacks.py).
 
-        All of a pair's stacks are checked against the parameters passed on every refresh
-        call, which every generation starts with: new storage for a parameter (model.to,
-        p.data = ...) means a re-stack, never a stale weight. Reuse calls, the cheap steps,
-        trust the last check.
+        Every refresh call, which every generation starts with, asks `stacks.stack` for all of
+        the pair's stacks: it returns a stack while its parameters still live in it, and
+        re-stacks after new storage (model.to, p.data = ...), never serving a stale weight.
+        Reuse calls, the cheap steps, trust the last refresh.
         """
-        if not any(pair.stack_groups.values()):
+        groups = pair.stack_groups[variant]
+        if not groups:
             return []
-        if variant == "refresh" or (pair, variant) not in self._stacks:
-            for v, groups in pair.stack_groups.items():
-                found = self._stacks.get((pair, v))
-                params = [[args[i] for i in g] for g in groups]
-                if found is None or not all(map(stacks.valid, params, found)):
-                    self._stacks[(pair, v)] = [stacks.stack(ps) for ps in params]
-                    self._stacked.update((p, None) for ps in params for p in ps)
-        return self._stacks[(pair, variant)]
+        if variant == "refresh" or (pair, groups[0]) not in self._stacks:
+            for g in dict.fromkeys(g for gs in pair.stack_groups.values() for g in gs):
+                self._stacks[(pair, g)] = stacks.stack([args[i] for i in g])
+        return [self._stacks[(pair, g)] for g in groups]
 
     def _advance(self, branch: Branch, refreshed: bool, num_steps: int | None) -> None:
         s = self.stats
@@ -260,9 +256,8 @@ class Runtime:
         """Frees every cache buffer (fora_fx.restore); later calls raise."""
         self.reset()
         self.branches = {}
+        stacks.unstack(self._stacks.values())
         self._stacks = {}
-        stacks.unstack(list(self._stacked.keys()))
-        self._stacked = WeakIdKeyDictionary()
         self.released = True
 
 

@@ -17,7 +17,7 @@ tensors that share storage).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -58,8 +58,10 @@ def stack(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return stacked
 
 
-def unstack(params: Sequence[torch.Tensor]) -> None:
-    """Gives each parameter its own storage again."""
-    for p in params:
-        if _HOME.pop(p, None) is not None:
+def unstack(stacked: Iterable[torch.Tensor]) -> None:
+    """Gives every parameter living in one of these stacks its own storage again."""
+    ids = {id(s) for s in stacked}
+    for p, (home, _) in list(_HOME.items()):
+        if id(home) in ids:
+            del _HOME[p]
             p.data = p.data.clone()

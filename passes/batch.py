@@ -88,6 +88,7 @@ class _Run:
         self.batched: set[int] = set()
         self.groups: dict[tuple[Node, ...], None] = {}  # parameter groups, in first-use order
         self.shared: dict[Node, None] = {}
+        self.inside: list[set[Node]] = []
 
     def _same(self, a0: Any, others: list[Any], groups: list, shared: list) -> bool:
         if isinstance(a0, (list, tuple)):
@@ -147,16 +148,17 @@ class _Run:
                 self.groups.update(dict.fromkeys(groups))
                 self.shared.update(dict.fromkeys(shared))
 
+        # per block, its batched nodes: a use by anything else makes a value an output
+        self.inside = [{block[j] for j in self.batched} for block in self.nodes]
+
+    def outside_users(self, k: int) -> list[Node]:
+        """Users, in any block, of the batched value at position k that are not batched."""
+        return [u for block, inside in zip(self.nodes, self.inside, strict=True)
+                for u in block[k].users if u not in inside]
+
     def outputs(self) -> list[int]:
         """Batched positions whose value is read outside the batched nodes of its block."""
-        out = []
-        for k in sorted(self.batched):
-            for block in self.nodes:
-                inside = {block[j] for j in self.batched}
-                if any(u not in inside for u in block[k].users):
-                    out.append(k)
-                    break
-        return out
+        return [k for k in sorted(self.batched) if self.outside_users(k)]
 
 
 def _runs(
@@ -305,10 +307,7 @@ def batch_blocks(gm: GraphModule, paths: Mapping[str, str] | None = None) -> lis
         if traced is None:
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
-        first_use = min(
-            order[u] for k in outputs for block in nodes for u in block[k].users
-            if u not in {block[j] for j in run.batched}
-        )
+        first_use = min(order[u] for k in outputs for u in run.outside_users(k))
         shared = [x for x in inputs if not isinstance(x, tuple)]
         anchor = max(shared, key=order.__getitem__, default=None)
         if anchor is not None and order[anchor] >= first_use:
@@ -363,8 +362,8 @@ def _splice(gm: GraphModule, run: _Run, inputs: list[Any], traced: GraphModule,
             where = sel
             original = block[k]
             sel.meta["example_value"] = original.meta.get("example_value")
-            inside = {block[j] for j in run.batched}
-            original.replace_all_uses_with(sel, delete_user_cb=lambda u, s=inside: u not in s)
+            original.replace_all_uses_with(
+                sel, delete_user_cb=lambda u, s=run.inside[b]: u not in s)
     return tuple(stacks)
 
 

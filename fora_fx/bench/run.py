@@ -17,7 +17,7 @@ from ..explain import explain
 from ..passes import locate
 from ..peers import DiffusersHook, HookFora
 from .setup import MODELS, Row, Setup, build, device_name, sample
-from .timing import WARM, kernel_profile, measure, step_times, unguarded
+from .timing import kernel_profile, measure, step_times, unguarded
 
 
 def run(setup: Setup, log: Callable[[str], None] = print,
@@ -50,7 +50,7 @@ def run(setup: Setup, log: Callable[[str], None] = print,
         counters.clear()
         try:
             with torch.no_grad():
-                row.warmup_s, row.loop_s, out = measure(fn, setup)
+                row.warmup_s, row.loop_s, out, warm_graphs = measure(fn, setup)
         except Exception as e:  # a peer that fails here is reported, not fatal
             row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             add(row)
@@ -60,7 +60,7 @@ def run(setup: Setup, log: Callable[[str], None] = print,
             row.loop_s_unguarded = unguarded(fn, setup)
         row.cudagraph_skips = int(counters["inductor"].get("cudagraph_skips", 0))
         row.graphs_compiled = int(counters["stats"].get("unique_graphs", 0))
-        row.recompiles = row.graphs_compiled - WARM.get("graphs", 0)
+        row.recompiles = row.graphs_compiled - warm_graphs
         if ref is not None:
             row.max_dev_vs_hook_fora = float((out.float() - ref.float()).abs().max())
         if setup.device == "cuda":

@@ -10,24 +10,23 @@ from typing import Any
 
 import torch
 
+# Shapes shared by the DiT and PixArt configs of one size (XL/2: hidden 16 x 72 = 1152).
+_XL2 = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+            out_channels=8, patch_size=2)
+_TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=4,
+             out_channels=8, patch_size=2, sample_size=8)
+_DIT = dict(cls="DiTTransformer2DModel", num_embeds_ada_norm=1000)
+_PIXART = dict(cls="PixArtTransformer2DModel", use_additional_conditions=False)
+
 MODELS: dict[str, dict[str, Any]] = {
     # diffusers DiT-XL/2 at 256x256 (32x32 latents), the config DiT-XL-2-256 ships
-    "dit-xl-2": dict(cls="DiTTransformer2DModel", num_layers=28, num_attention_heads=16,
-                     attention_head_dim=72, in_channels=4, out_channels=8, sample_size=32,
-                     patch_size=2, num_embeds_ada_norm=1000),
+    "dit-xl-2": dict(**_DIT, **_XL2, sample_size=32),
     # PixArt-alpha XL/2 at 512x512 (64x64 latents), with cross-attention to T5 tokens
-    "pixart-512": dict(cls="PixArtTransformer2DModel", num_layers=28, num_attention_heads=16,
-                       attention_head_dim=72, in_channels=4, out_channels=8, sample_size=64,
-                       patch_size=2, cross_attention_dim=1152, caption_channels=4096,
-                       use_additional_conditions=False),
-    "tiny": dict(cls="DiTTransformer2DModel", num_layers=2, num_attention_heads=2,
-                 attention_head_dim=16, in_channels=4, out_channels=8, sample_size=8,
-                 patch_size=2, num_embeds_ada_norm=1000),
+    "pixart-512": dict(**_PIXART, **_XL2, sample_size=64, cross_attention_dim=1152,
+                       caption_channels=4096),
+    "tiny": dict(**_DIT, **_TINY),
     # the PixArt path of the harness (caption tokens, cross-attention), CPU-sized
-    "tiny-pixart": dict(cls="PixArtTransformer2DModel", num_layers=2, num_attention_heads=2,
-                        attention_head_dim=16, in_channels=4, out_channels=8, sample_size=8,
-                        patch_size=2, cross_attention_dim=32, caption_channels=24,
-                        use_additional_conditions=False),
+    "tiny-pixart": dict(**_PIXART, **_TINY, cross_attention_dim=32, caption_channels=24),
 }
 
 

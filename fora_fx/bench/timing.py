@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import api
+from .. import api, guards
 from .setup import Setup
 
 
@@ -19,49 +19,40 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], torch.Tensor], setup: Setup) -> tuple[float, float, torch.Tensor]:
-    """(warm-up seconds, median loop seconds, output). Peak memory is reset after the
-    warm-up loop, so it is the steady state's, not the compiler's."""
+def timed(fn: Callable[[], Any], setup: Setup) -> float:
+    """Seconds for one call of `fn`, the device synchronized on both sides."""
     sync(setup.device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(setup.device)
-    warmup = time.perf_counter() - t0
-    if setup.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    mark_warm()
-    times = []
-    for _ in range(setup.repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(setup.device)
-        times.append(time.perf_counter() - t0)
-    return warmup, statistics.median(times), out
-
-
-def timed(fn: Callable[[], torch.Tensor], setup: Setup) -> float:
     t0 = time.perf_counter()
     fn()
     sync(setup.device)
     return time.perf_counter() - t0
 
 
+def measure(fn: Callable[[], torch.Tensor],
+            setup: Setup) -> tuple[float, float, torch.Tensor, int]:
+    """(warm-up seconds, median loop seconds, output, Dynamo graphs compiled by the end of
+    the warm-up). Peak memory is reset after the warm-up loop, so it is the steady state's,
+    not the compiler's."""
+    from torch._dynamo.utils import counters
+
+    out: list[torch.Tensor] = []
+    warmup = timed(lambda: out.append(fn()), setup)
+    if setup.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    warm_graphs = int(counters["stats"].get("unique_graphs", 0))
+    loop = statistics.median(timed(lambda: out.append(fn()), setup)
+                             for _ in range(setup.repeats))
+    return warmup, loop, out[-1], warm_graphs
+
+
 def unguarded(fn: Callable[[], torch.Tensor], setup: Setup) -> float | None:
-    try:
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    except TypeError:  # a torch without the option
+    """Median loop seconds with Dynamo's guard evaluation skipped (None if this torch
+    cannot)."""
+    stance = guards.unguarded()
+    if stance is None:
         return None
     with torch.no_grad(), stance:
         return statistics.median(timed(fn, setup) for _ in range(setup.repeats))
-
-
-WARM: dict[str, int] = {}
-
-
-def mark_warm() -> None:
-    from torch._dynamo.utils import counters
-
-    WARM["graphs"] = int(counters["stats"].get("unique_graphs", 0))
 
 
 def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
@@ -74,11 +65,7 @@ def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
         for _ in range(reps):
             api.reset(fast)
             for times in (refresh, reuse):
-                sync(setup.device)
-                t0 = time.perf_counter()
-                fast(x, timestep=t, **kwargs)
-                sync(setup.device)
-                times.append(1e3 * (time.perf_counter() - t0))
+                times.append(1e3 * timed(lambda: fast(x, timestep=t, **kwargs), setup))
     api.reset(fast)
     return statistics.median(refresh), statistics.median(reuse)
 
@@ -103,13 +90,13 @@ def kernel_profile(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Se
                 sync(setup.device)
             events = [e for e in prof.key_averages()
                       if (e.device_type == DeviceType.CUDA) == cuda and e.count]
-            timed = sorted(((e.key, e.count, (e.self_device_time_total if cuda
-                                             else e.self_cpu_time_total)) for e in events),
-                           key=lambda kv: -kv[2])
+            ranked = sorted(((e.key, e.count, (e.self_device_time_total if cuda
+                                              else e.self_cpu_time_total)) for e in events),
+                            key=lambda kv: -kv[2])
             result[variant] = {
-                "kernels": sum(c for _, c, _ in timed),
-                "device_us": sum(us for _, _, us in timed),
-                "top": [[name[:80], c, round(us, 1)] for name, c, us in timed[:top]],
+                "kernels": sum(c for _, c, _ in ranked),
+                "device_us": sum(us for _, _, us in ranked),
+                "top": [[name[:80], c, round(us, 1)] for name, c, us in ranked[:top]],
             }
     api.reset(fast)
     return result
