@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import guards
+from . import direct, guards
 from .backend import backend
 from .capture import module_paths
 from .config import ForaConfig
@@ -58,24 +58,39 @@ class ForaModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self._fora_runtime
-        # fora_fx/guards.py: when a call may skip Dynamo's guard evaluation
-        sig = guards.signature(args, kwargs) if self._fora_config.skip_guards else None
-        stance = None
-        continuing = sig is not None and runtime.continuing()
-        if continuing and self.__dict__.get("_fora_last") == (sig, self._fora_state()):
-            stance = guards.unguarded()
+        config = self._fora_config
+        # fora_fx/guards.py: when a call may skip Dynamo's guard evaluation; then
+        # fora_fx/direct.py: when it may skip Dynamo's frame as well
+        sig = guards.signature(args, kwargs) if config.skip_guards else None
+        repeats = (
+            sig is not None
+            and runtime.continuing()
+            and self.__dict__.get("_fora_last") == (sig, self._fora_state())
+        )
+        call = self.__dict__.get("_fora_direct") if repeats else None
+        stance = guards.unguarded() if repeats and call is None else None
         with torch.no_grad(), active(runtime, self._fora_paths):
-            if stance is not None:
+            if call is not None:
+                out = call(args, kwargs)
+                runtime.stats.direct += 1
+            elif stance is not None:
                 with stance:
                     out = self._fora_compiled(*args, **kwargs)
-                runtime.stats.unguarded += 1
             else:
-                out = self._guarded(args, kwargs)
-        if sig is not None and stance is None:  # what the next call must repeat to skip
-            # the guards (after an unguarded call it is what it was: that is why it ran so)
+                with direct.recording() as records:
+                    out = self._guarded(args, kwargs)
+        if call is not None or stance is not None:
+            runtime.stats.unguarded += 1
+        elif sig is not None:  # what the next call must repeat to skip the guards (after
+            # an unguarded call it is what it was: that is why it ran so)
             if "_fora_last_param" not in self.__dict__:  # walking them all costs ~1 ms
                 self.__dict__["_fora_last_param"] = guards.last_parameter(self._fora_model)
-            self.__dict__["_fora_last"] = (sig, self._fora_state())
+            skippable = direct.skippable(records)
+            self.__dict__["_fora_last"] = (sig, self._fora_state()) if skippable else None
+            self.__dict__["_fora_direct"] = (
+                direct.plan(records, args, kwargs, out, self._fora_model)
+                if config.direct_calls and skippable else None
+            )
         return out
 
     def _fora_state(self) -> tuple:

@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 
 from .compile import compile_variant, fusion_limit_patches
 from .config import ForaConfig
+from .direct import frame_effects
 from .passes import (
     LocateResult,
     batch_blocks,
@@ -154,7 +155,9 @@ class ForaBackend:
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> CompiledPair:
         _check_single_graph(gm)
-        return build_pair(gm, example_inputs, self.config, active_paths())
+        pair = build_pair(gm, example_inputs, self.config, active_paths())
+        pair.frame_effects = frame_effects()
+        return pair
 
     def __repr__(self) -> str:
         return f"ForaBackend({self.config})"

@@ -47,6 +47,11 @@ class ForaConfig:
                    evaluation skipped (torch.compiler.set_stance(skip_guard_eval_unsafe)):
                    guards cost more host time than a reuse step takes on a GPU. The first
                    call of every generation, and any call that differs, is fully guarded.
+    direct_calls:  such a call also skips Dynamo's frame, which fetches every parameter
+                   through its module path on each call: it goes straight to the compiled
+                   graphs with the inputs recorded at the generation's first call
+                   (fora_fx/direct.py). Declined, per graph, where the frame does more
+                   (a Python side effect). Takes effect only with skip_guards.
     reuse_fusion_limit: the most distinct buffers one fused kernel of the reuse graph may
                    read or write (Inductor's max_fusion_unique_io_buffers, for that compile
                    only). Keeps Inductor from fusing the whole cached residual chain into
@@ -63,6 +68,7 @@ class ForaConfig:
     mode: str | None = None
     batch_blocks: bool = True
     skip_guards: bool = True
+    direct_calls: bool = True
     reuse_fusion_limit: int | None = 16
 
     def __post_init__(self) -> None:
@@ -90,6 +96,8 @@ class ForaConfig:
             raise TypeError(f"ForaConfig.batch_blocks must be a bool, got {self.batch_blocks!r}")
         if not isinstance(self.skip_guards, bool):
             raise TypeError(f"ForaConfig.skip_guards must be a bool, got {self.skip_guards!r}")
+        if not isinstance(self.direct_calls, bool):
+            raise TypeError(f"ForaConfig.direct_calls must be a bool, got {self.direct_calls!r}")
         if self.reuse_fusion_limit is not None:
             _require_int("reuse_fusion_limit", self.reuse_fusion_limit, 2)
         if self.mode not in MODES:

@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import stacks
+from . import direct, stacks
 from .config import ForaConfig
 from .passes import Batched, LocateResult, Site
 from .steps import PipelineSteps
@@ -68,6 +68,9 @@ class CompiledPair:
         # variant -> the input indices of the parameters each of its stacked inputs holds
         self.stack_groups = stack_groups or {"refresh": [], "reuse": []}
         self.batched = batched or {}  # variant -> the runs of blocks batch_blocks batched
+        # Whether Dynamo's frame around this graph has Python side effects on existing
+        # objects (set by the backend; None: unknown). fora_fx/direct.py says what it allows.
+        self.frame_effects: bool | None = None
         self._fallback: Runtime | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -78,7 +81,9 @@ class CompiledPair:
             else:  # a model without parameters: nothing to tell instances apart by
                 self._fallback = self._fallback or Runtime(self.config)
                 runtime = self._fallback
-        return runtime.run(self, args)
+        out = runtime.run(self, args)
+        direct.record(self, args, out)
+        return out
 
 
 @dataclass
@@ -88,6 +93,7 @@ class Stats:
     reuses: int = 0
     history: list[bool] = field(default_factory=list)  # per call: True = refreshed (last 4096)
     unguarded: int = 0  # calls run with Dynamo's guard evaluation skipped (ForaModule)
+    direct: int = 0  # of those, calls that also skipped Dynamo's frame (fora_fx/direct.py)
 
 
 @dataclass
