@@ -25,6 +25,7 @@ def test_bench_quick_writes_json_and_table(tmp_path, capsys):
         assert row["recompiles"] == 0 and row["loop_s_unguarded"] > 0
         assert row["cache_mib"] > 0
         assert row["refresh_ms"] > 0 and row["reuse_ms"] > 0
+        assert row["direct_share"] > 0.8  # all calls but each generation's first (5 of 6)
     cd = rows[("cache-dit", 3)]
     assert cd["note"].startswith("skipped") or cd["loop_s"] > 0
     ablation = rows[("fora_fx -batch -limit", 3)]  # same samples without the two passes
@@ -51,6 +52,7 @@ def test_bench_pixart_path_with_profile(tmp_path, capsys):
     rows = {(r["method"], r["interval"]): r for r in json.loads(path.read_text())["rows"]}
     fora = rows[("fora_fx", 3)]
     assert fora["max_dev_vs_hook_fora"] < 1e-3 and fora["recompiles"] == 0
+    assert fora["direct_share"] >= 0.75  # 3 of 4 calls (captions and a dict of Nones)
     assert fora["profile"]["reuse"]["kernels"] < fora["profile"]["refresh"]["kernels"]
     assert rows[("cache-dit", 3)]["note"].startswith("skipped")
     assert "one reuse step:" in capsys.readouterr().out

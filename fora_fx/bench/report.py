@@ -81,7 +81,7 @@ def markdown(rows: list[Row], setup: Setup) -> str:
             f(r.graphs_compiled), f(r.recompiles), f(r.peak_mem_mib, ".0f"), f(r.cache_mib, ".1f"),
             f(r.max_dev_vs_hook_fora if r.max_dev_vs_eager is None else r.max_dev_vs_eager,
               ".2e"), f(r.refresh_ms, ".2f"), f(r.reuse_ms, ".2f"),
-            r.device, r.note]) + " |")
+            r.device, _note(r)]) + " |")
     text = head + "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows, setup))
     for r in rows:
         for variant, p in (r.profile or {}).items():
@@ -91,6 +91,12 @@ def markdown(rows: list[Row], setup: Setup) -> str:
                      f"| {what[:-1]} | calls | us |\n|---|---|---|\n")
             text += "\n".join(f"| `{name}` | {c} | {us} |" for name, c, us in p["top"])
     return text
+
+
+def _note(r: Row) -> str:
+    if r.direct_share is None:
+        return r.note
+    return f"{r.note}; direct calls {r.direct_share:.0%}".lstrip("; ")
 
 
 def write_json(rows: list[Row], setup: Setup, path: str) -> None:

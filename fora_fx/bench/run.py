@@ -107,6 +107,8 @@ def run(setup: Setup, log: Callable[[str], None] = print,
                      ref=refs.get(n))
         if out is not None:
             rows[-1].cache_mib = explain(fast).cache_bytes / 2**20
+            stats = fast._fora_runtime.stats
+            rows[-1].direct_share = stats.direct / max(stats.calls, 1)
             if n > 1:
                 rows[-1].refresh_ms, rows[-1].reuse_ms = step_times(fast, x0, call0, setup)
             if setup.profile and n == 3:

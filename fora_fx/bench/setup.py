@@ -50,6 +50,9 @@ class Row:
     # the same loop under torch.compiler.set_stance(skip_guard_eval_unsafe=True): what
     # Dynamo's per-call guard checks cost (compiled and fora_fx rows)
     loop_s_unguarded: float | None = None
+    # fora_fx rows: the share of calls that skipped Dynamo's frame (fora_fx/direct.py): all
+    # but each generation's first if it works on this torch, 0 if it declined
+    direct_share: float | None = None
     # --profile: per step variant, {"kernels": n, "device_us": t, "top": [[name, n, us], ...]}
     profile: dict[str, Any] | None = None
     device: str = ""
