@@ -22,6 +22,9 @@ class Explanation:
     calls: int = 0  # model calls so far, and how many of them recomputed / reused
     refreshes: int = 0
     reuses: int = 0
+    unguarded: int = 0  # calls that skipped Dynamo's guards (config.skip_guards) ...
+    direct: int = 0  # ... and of those, its frame (config.direct_calls, fora_fx/direct.py)
+    frame_effects: bool | None = None  # the first graph's frame has Python side effects
     graphs: dict[str, str] = field(default_factory=dict)  # "refresh"/"reuse" -> Python code
     show_graphs: bool = False
 
@@ -30,8 +33,11 @@ class Explanation:
         lines = [
             f"fora_fx: {len(self.sites)} cached sites, {mib:.2f} MiB cache, "
             f"{self.graphs_compiled} graph(s); {self.calls} calls: "
-            f"{self.refreshes} recomputed, {self.reuses} reused"
+            f"{self.refreshes} recomputed, {self.reuses} reused; {self.unguarded} skipped "
+            f"Dynamo's guards, {self.direct} of them its frame too"
         ]
+        if self.frame_effects:
+            lines.append("Dynamo's frame has Python side effects: every call is guarded")
         w = max((len(s.module_path) for s in self.sites), default=10)
         for s in self.sites:
             shapes = ", ".join("x".join(map(str, sh)) for sh in s.shapes)
@@ -106,6 +112,9 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         calls=sum(rt.stats.calls for rt in runtimes(obj)),
         refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),
         reuses=sum(rt.stats.reuses for rt in runtimes(obj)),
+        unguarded=sum(rt.stats.unguarded for rt in runtimes(obj)),
+        direct=sum(rt.stats.direct for rt in runtimes(obj)),
+        frame_effects=pair.frame_effects,
         graphs={k: readable(g.code) for k, g in pair.graphs.items()},
         show_graphs=graph,
     )

@@ -30,6 +30,7 @@ def test_direct_calls_give_the_frames_result_on_every_zoo_model(name):
     assert fast._fora_runtime.stats.direct == 5  # every call but the generation's first
     assert through_dynamo._fora_runtime.stats.direct == 0
     assert through_dynamo._fora_runtime.stats.unguarded == 5
+    assert "5 skipped Dynamo's guards, 5 of them its frame too" in str(fora_fx.explain(fast))
 
 
 def test_direct_calls_through_aot_autograd_read_live_parameters():
@@ -97,6 +98,7 @@ def test_a_frame_with_side_effects_is_neither_skipped_nor_unguarded():
     # unguarded call would set `calls` back to [1]. Every call is guarded (and recompiles).
     assert stats.direct == 0 and stats.unguarded == 0
     assert len(model.calls) == 6
+    assert "side effects: every call is guarded" in str(fora_fx.explain(fast))
 
 
 class _Stub:
