@@ -36,7 +36,9 @@ import torch.utils._pytree as pytree
 
 _CONSTANTS = (bool, int, float, str, type(None))
 
-Path = tuple[Any, ...]  # ("a", 0) is args[0]; ("k", "t", 1) is kwargs["t"][1]
+# Where an argument sits in (args, kwargs): a pytree key path, so that a keyword argument is
+# found by its name whatever order the call passes them in.
+Path = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class DirectCall:
     def __call__(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         flat = list(self.template)
         for i, path in self.slots:
-            flat[i] = _follow(args, kwargs, path)
+            flat[i] = pytree.key_get((args, kwargs), path)
         outs = self.pair(*flat)
         return pytree.tree_unflatten(
             [outs[v] if is_out else v for is_out, v in self.leaves], self.spec
@@ -74,8 +76,9 @@ def plan(
     if pair.frame_effects is not False or not isinstance(outs, (list, tuple)):
         return None
     paths: dict[int, list[Path]] = {}
-    for path, value in _walk(args, kwargs):
-        paths.setdefault(id(value), []).append(path)
+    for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        if isinstance(value, torch.Tensor):
+            paths.setdefault(id(value), []).append(path)
     owned = {id(t) for t in (*model.parameters(), *model.buffers())}
     slots = []
     for i, value in enumerate(flat):
@@ -100,30 +103,6 @@ def plan(
     for i, _ in slots:  # read from each call's arguments: hold no stale one
         template[i] = None
     return DirectCall(pair, tuple(template), tuple(slots), tuple(leaves), spec)
-
-
-def _walk(args: tuple, kwargs: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
-    def walk(x: Any, path: Path) -> Iterator[tuple[Path, Any]]:
-        if isinstance(x, torch.Tensor):
-            yield path, x
-        elif isinstance(x, (tuple, list)):
-            for i, v in enumerate(x):
-                yield from walk(v, (*path, i))
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                yield from walk(v, (*path, k))
-
-    for i, a in enumerate(args):
-        yield from walk(a, ("a", i))
-    for k, v in kwargs.items():
-        yield from walk(v, ("k", k))
-
-
-def _follow(args: tuple, kwargs: dict[str, Any], path: Path) -> Any:
-    x: Any = args if path[0] == "a" else kwargs
-    for key in path[1:]:
-        x = x[key]
-    return x
 
 
 # What the compiled pairs ran during a guarded ForaModule call, for `plan`.

@@ -68,8 +68,10 @@ def test_arguments_at_nested_paths_are_read_from_each_call():
     fast, through_dynamo = _pair(_Nested(case.model), compiler="eager")
     for k in range(6):
         (x, t, y), _ = case.inputs(k, 7)
+        # keys in either order: an argument is found by its key, not its position
+        cond = {"t": t, "y": y} if k % 2 else {"y": y, "t": t}
         with torch.no_grad():
-            got = fast(x, {"t": t, "y": y})
+            got = fast(x, cond)
             want = through_dynamo(x, {"t": t, "y": y})
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert fast._fora_runtime.stats.direct == 5
