@@ -4,8 +4,8 @@
     refresh = specialize(gm, sites, True)        # compute + fora::store into cache buffers
     reuse = specialize(gm, sites, False)         # fora::load from buffers, dead regions removed
     prune_chunked_linears(reuse)                 # adaLN Linear -> only its live (gate) chunks
-    batch_blocks(reuse, paths)                   # per-block conditioning -> one vmapped copy
     verify(gm, refresh, sites, True); verify(gm, reuse, sites, False)
+    batch_blocks(reuse, paths)                   # per-block conditioning -> one vmapped copy
 """
 
 from .batch import Batched, Stack, batch_blocks, stack_names
