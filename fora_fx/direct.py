@@ -21,6 +21,14 @@ not returned. A frame with Python side effects on existing objects (the backend 
 whether the trace had any: `CompiledPair.frame_effects`) is neither skipped nor unguarded:
 see `skippable`. The record is made again on every guarded call, that is at the start of
 every generation.
+
+Entering a torch.compile'd function also advances Dynamo's generation counter
+(`GenerationTracker.generation`), and CUDA-graph trees read it: in inference a new generation
+is a new iteration, so the previous call's cudagraph outputs may be reused and the next graph
+replays as a root. Without it, calls in a row would look like one iteration to the trees,
+which then record a new child graph for every step of the first generation while the
+previous step's output is still alive (the sampler holds it). A direct call advances the
+counter exactly as the skipped entry would; on a torch without it, there are no direct calls.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+
+try:  # what CUDA-graph trees read to tell one call of a compiled function from the next
+    from torch._dynamo.mutation_guard import GenerationTracker as _Generation
+except ImportError:  # pragma: no cover - another torch: plan() declines
+    _Generation = None  # type: ignore[assignment,misc]
 
 _CONSTANTS = (bool, int, float, str, type(None))
 
@@ -55,6 +68,7 @@ class DirectCall:
         flat = list(self.template)
         for i, path in self.slots:
             flat[i] = pytree.key_get((args, kwargs), path)
+        _Generation.generation += 1  # as entering Dynamo's frame does (see the module doc)
         outs = self.pair(*flat)
         return pytree.tree_unflatten(
             [outs[v] if is_out else v for is_out, v in self.leaves], self.spec
@@ -70,6 +84,8 @@ def plan(
 ) -> DirectCall | None:
     """The direct call that repeats this guarded call, or None when it cannot be repeated
     exactly (see the module doc). `records`: the (pair, flat inputs, outputs) the frame ran."""
+    if _Generation is None:
+        return None  # a direct call could not tell CUDA-graph trees a new call began
     if len(records) != 1:
         return None  # no compiled pair ran, or several (a graph break): not one frame call
     pair, flat, outs = records[0]

@@ -133,3 +133,23 @@ def test_plan_declines_what_it_cannot_replay():
     assert direct.plan([(stub, (x, w), outs)], (x,), {}, (*outs, object()), model) is None
     assert direct.plan([], (x,), {}, outs, model) is None
     assert direct.plan([(stub, (x, w), outs)] * 2, (x,), {}, outs, model) is None
+
+
+def test_every_call_starts_a_new_compiled_invocation_as_torch_compile_does():
+    # CUDA-graph trees start a new inference iteration when Dynamo's generation counter moves,
+    # which entering a torch.compile'd function does on every call. A direct call skips that
+    # entry, so it must move the counter itself, or under mode="reduce-overhead" the trees
+    # would take a whole generation for one iteration (fora_fx/direct.py).
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    case = make("dit")
+    fast = fora_fx.transform(case.model, interval=3, num_steps=6, compiler="eager")
+    moved = []
+    for k in range(6):
+        args, kwargs = case.inputs(k, 4)
+        before = GenerationTracker.generation
+        with torch.no_grad():
+            fast(*args, **kwargs)
+        moved.append(GenerationTracker.generation - before)
+    assert fast._fora_runtime.stats.direct == 5
+    assert all(m >= 1 for m in moved), moved
