@@ -56,3 +56,26 @@ def test_bench_pixart_path_with_profile(tmp_path, capsys):
     assert fora["profile"]["reuse"]["kernels"] < fora["profile"]["refresh"]["kernels"]
     assert rows[("cache-dit", 3)]["note"].startswith("skipped")
     assert "one reuse step:" in capsys.readouterr().out
+
+
+def test_compile_caches_are_cold_per_family_and_warm_within_one():
+    # Warm-up times compare compiles only if no row finds another family's work in
+    # Inductor's caches; later rows of one family may reuse their own (the same graphs).
+    import torch
+    from torch._dynamo.utils import counters
+
+    from fora_fx.bench.timing import CompileCaches
+
+    def f(a):
+        return torch.sin(a) * 3 + a.cos()
+
+    caches = CompileCaches()
+    hits = []
+    for family in ("plain", "plain", "fora"):
+        torch._dynamo.reset()
+        counters.clear()
+        with caches.use(family):
+            torch.compile(f, dynamic=False)(torch.ones(8))
+        hits.append(counters["inductor"]["fxgraph_cache_hit"])
+    torch._dynamo.reset()
+    assert hits == [0, 1, 0]

@@ -17,7 +17,7 @@ from ..explain import explain
 from ..passes import locate
 from ..peers import DiffusersHook, HookFora
 from .setup import MODELS, Row, Setup, build, device_name, sample
-from .timing import kernel_profile, measure, step_times, unguarded
+from .timing import CompileCaches, kernel_profile, measure, step_times, unguarded
 
 
 def run(setup: Setup, log: Callable[[str], None] = print,
@@ -43,21 +43,26 @@ def run(setup: Setup, log: Callable[[str], None] = print,
     rows: list[Row] = []
     refs: dict[int, torch.Tensor] = {}
     mode = "reduce-overhead" if setup.device == "cuda" else None
+    caches = CompileCaches()  # cold compiles per family of rows: comparable warm-up times
+    caches.prime(setup.device, mode)
 
     def record(row: Row, fn: Callable[[], torch.Tensor],
                ref: torch.Tensor | None = None) -> torch.Tensor | None:
         _release(setup.device)  # earlier rows' compiled code, CUDA graph pools and models
         counters.clear()
-        try:
-            with torch.no_grad():
-                row.warmup_s, row.loop_s, out, warm_graphs = measure(fn, setup)
-        except Exception as e:  # a peer that fails here is reported, not fatal
-            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            add(row)
-            log(f"{row.method}: {row.note}")
-            return None
-        if row.method == "compiled" or row.method.startswith("fora_fx"):
-            row.loop_s_unguarded = unguarded(fn, setup)
+        family = "compiled" if row.method == "compiled" else (
+            "fora_fx" if row.method.startswith("fora_fx") else "peers")
+        with caches.use(family):
+            try:
+                with torch.no_grad():
+                    row.warmup_s, row.loop_s, out, warm_graphs = measure(fn, setup)
+            except Exception as e:  # a peer that fails here is reported, not fatal
+                row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                add(row)
+                log(f"{row.method}: {row.note}")
+                return None
+            if family != "peers":
+                row.loop_s_unguarded = unguarded(fn, setup)
         row.cudagraph_skips = int(counters["inductor"].get("cudagraph_skips", 0))
         row.graphs_compiled = int(counters["stats"].get("unique_graphs", 0))
         row.recompiles = row.graphs_compiled - warm_graphs
