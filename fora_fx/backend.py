@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from .compile import compile_variant, fusion_limit_patches
+from .compile import compile_variant, fusion_limit_patches, store_placement_patches
 from .config import ForaConfig
 from .direct import frame_effects
 from .passes import (
@@ -90,10 +90,12 @@ def build_pair(
                for name, gs in groups.items()}
     params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
     reuse_patches = fusion_limit_patches(config.reuse_fusion_limit)
+    first = len(example_inputs)  # the cache buffers follow the graph's own inputs
+    store_patches = store_placement_patches(range(first, first + len(buffers)))
     return CompiledPair(
         config,
         refresh=compile_variant(refresh, [*example_inputs, *buffers, *stacked["refresh"]],
-                                config),
+                                config, store_patches),
         reuse=compile_variant(reuse, [*example_inputs, *buffers, *stacked["reuse"]], config,
                               reuse_patches),
         specs=specs,

@@ -155,3 +155,56 @@ def test_mode_reaches_the_backend():
     assert compiled(*toy.inputs(1)).item() == toy.recomputed(1)
     (runtime,) = fora_fx.api.runtimes(compiled)
     assert runtime.config.mode == "reduce-overhead" and runtime.config.compiler == "inductor"
+
+
+def _last_op(g: torch.fx.Graph):
+    return [n.target for n in g.nodes if n.op == "call_function"][-1]
+
+
+def _graph_with_a_late_store(read_cache_too: bool = False) -> torch.fx.Graph:
+    # The shape AOTAutograd gives a refresh graph: the store into the cache buffer (an input
+    # written in place) comes at the end, after everything that follows the stored value.
+    g = torch.fx.Graph()
+    x, cache = g.placeholder("x"), g.placeholder("cache")
+    value = g.call_function(torch.ops.aten.relu.default, (x,))
+    y = g.call_function(torch.ops.aten.mul.Tensor, (value, 2.0))
+    for _ in range(3):
+        y = g.call_function(torch.ops.aten.sin.default, (y,))
+    if read_cache_too:
+        y = g.call_function(torch.ops.aten.add.Tensor, (y, cache))
+    g.call_function(torch.ops.aten.copy_.default, (cache, value))
+    g.output((y,))
+    return g
+
+
+def test_store_placement_moves_each_cache_store_next_to_its_value():
+    from fora_fx.compile import StoresNearValues
+
+    g = _graph_with_a_late_store()
+    StoresNearValues([1])(g)
+    order = [n.target for n in g.nodes if n.op == "call_function"]
+    assert order[:3] == [torch.ops.aten.relu.default, torch.ops.aten.copy_.default,
+                         torch.ops.aten.mul.Tensor]
+    g.lint()
+    StoresNearValues([0])(g2 := _graph_with_a_late_store())  # not a cache buffer: untouched
+    assert _last_op(g2) == torch.ops.aten.copy_.default
+
+
+def test_store_placement_leaves_a_store_whose_buffer_is_read():
+    from fora_fx.compile import StoresNearValues
+
+    g = _graph_with_a_late_store(read_cache_too=True)
+    StoresNearValues([1])(g)  # moving it would change what the add reads
+    assert _last_op(g) == torch.ops.aten.copy_.default
+
+
+def test_store_placement_chains_after_a_configured_post_grad_pass():
+    from fora_fx.compile import StoresNearValues, store_placement_patches
+
+    seen = []
+    patches = store_placement_patches([1])
+    assert isinstance(patches["post_grad_custom_post_pass"], StoresNearValues)
+    chained = StoresNearValues([1], then=seen.append)
+    chained(g := _graph_with_a_late_store())
+    assert seen == [g]
+    assert store_placement_patches([]) == {}
