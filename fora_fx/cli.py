@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="skip the fora_fx N=3 row without the batch pass / fusion limit")
     bench.add_argument("--no-compiled-peers", action="store_true",
                        help="skip cache-dit under torch.compile")
+    bench.add_argument("--no-peers", action="store_true",
+                       help="skip every peer row (hook FORA, diffusers hooks, cache-dit): "
+                            "eager, compiled and fora_fx only, for a run on a time budget")
     bench.add_argument("--profile", action="store_true",
                        help="kernel-level profile of one refresh and one reuse step (N=3)")
     bench.add_argument("--quick", action="store_true",
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         setup.device = args.device
     setup.ablation = not args.no_ablation
     setup.compiled_peers = not args.no_compiled_peers
+    setup.peers = not args.no_peers
     setup.profile = args.profile
 
     def checkpoint(rows: list) -> None:

@@ -58,6 +58,18 @@ def test_bench_pixart_path_with_profile(tmp_path, capsys):
     assert "one reuse step:" in capsys.readouterr().out
 
 
+def test_bench_without_peers_has_only_the_compiled_rows(tmp_path):
+    # The GPU check's B=16 run: a time budget fits eager, compiled and fora_fx only.
+    path = tmp_path / "bare.json"
+    assert cli.main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "4",
+                     "--repeats", "1", "--intervals", "3", "--no-ablation", "--no-peers",
+                     "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["method"], r["interval"]) for r in rows] == [
+        ("eager", None), ("compiled", None), ("fora_fx", 3)]
+    assert rows[2]["loop_s"] > 0 and rows[2]["max_dev_vs_hook_fora"] is None
+
+
 def test_compile_caches_are_cold_per_family_and_warm_within_one():
     # Warm-up times compare compiles only if no row finds another family's work in
     # Inductor's caches; later rows of one family may reuse their own (the same graphs).

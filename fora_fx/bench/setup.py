@@ -69,6 +69,7 @@ class Setup:
     ablation: bool = True  # also fora_fx N=3 without the batch pass and the fusion limit
     profile: bool = False  # kernel-level profile of one refresh and one reuse step (N=3 rows)
     compiled_peers: bool = True  # also try cache-dit under torch.compile
+    peers: bool = True  # the hook FORA, diffusers' hooks and cache-dit rows
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
     @property
