@@ -22,7 +22,7 @@ is a developer's probe, not library code. Seen working with torch 2.11.0+cu130 a
 installed on a CPU-only machine (pip install torch==2.11.0: PyPI's CUDA build).
 
     python examples/cuda_codegen_probe.py [--model dit-xl-2] [--batch 8] [--limit 16|none]
-        [--variants plain,refresh,reuse] [--dump DIR]
+        [--no-batch] [--variants plain,refresh,reuse] [--dump DIR]
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class _Captured(Exception):
     """Stops the model call once the graphs are in hand (running DiT-XL on a CPU is slow)."""
 
 
-def capture_graphs(setup: Setup, limit: int | None) -> dict[str, tuple[Any, list, dict]]:
+def capture_graphs(setup: Setup, limit: int | None,
+                   batch_blocks: bool = True) -> dict[str, tuple[Any, list, dict]]:
     """{"plain" | "refresh" | "reuse": (GraphModule, example inputs, Inductor config patches)},
     each exactly as it would reach Inductor."""
     model, inputs = build(setup)
@@ -84,7 +85,8 @@ def capture_graphs(setup: Setup, limit: int | None) -> dict[str, tuple[Any, list
             raise _Captured
         return gm
 
-    fast = fora_fx.transform(model, fora_fx.ForaConfig(interval=3, reuse_fusion_limit=limit))
+    fast = fora_fx.transform(model, fora_fx.ForaConfig(
+        interval=3, reuse_fusion_limit=limit, batch_blocks=batch_blocks))
     for fn in (torch.compile(model, backend=plain, fullgraph=True, dynamic=False), fast):
         backend.compile_variant = record
         try:
@@ -232,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="images; the model sees 2x (CFG)")
     ap.add_argument("--limit", default="16", help="reuse_fusion_limit, or 'none'")
     ap.add_argument("--variants", default="plain,refresh,reuse")
+    ap.add_argument("--no-batch", action="store_true", help="without the batch pass")
     ap.add_argument("--dump", type=Path, help="write each wrapper's code here")
     args = ap.parse_args(argv)
     limit = None if args.limit == "none" else int(args.limit)
     setup = Setup(model=args.model, batch=args.batch, device="cpu")
-    graphs = capture_graphs(setup, limit)
+    graphs = capture_graphs(setup, limit, batch_blocks=not args.no_batch)
     print(f"{args.model}, B={2 * args.batch}, bf16, reuse_fusion_limit={limit}, "
+          f"batch_blocks={not args.no_batch}, "
           f"torch {torch.__version__}, fake {H100.name}")
     print("| graph | Triton kernels | extern kernels | launches |\n|---|---|---|---|")
     details = []
