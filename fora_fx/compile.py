@@ -82,7 +82,11 @@ class StoresNearValues(_custom_graph_pass()):  # type: ignore[misc]
     def uuid(self) -> Any:
         from torch._inductor.custom_graph_pass import get_hash_for_files
 
-        then = self.then.uuid() if hasattr(self.then, "uuid") else repr(self.then)
+        then = None
+        if self.then is not None:
+            then = self.then.uuid() if hasattr(self.then, "uuid") else None
+            if then is None:  # Inductor does not cache a graph whose pass cannot say what
+                return None   # it is; chained to such a pass, neither can this one
         return (get_hash_for_files((__file__,)), self.buffers, then)
 
 

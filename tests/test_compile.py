@@ -208,3 +208,7 @@ def test_store_placement_chains_after_a_configured_post_grad_pass():
     chained(g := _graph_with_a_late_store())
     assert seen == [g]
     assert store_placement_patches([]) == {}
+    # Inductor caches a compiled graph under the passes' uuids: one that cannot name itself
+    # (a plain function) makes the chain uncacheable, never cached under a wrong key
+    assert chained.uuid() is None
+    assert StoresNearValues([1]).uuid() != StoresNearValues([2]).uuid()
