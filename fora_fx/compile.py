@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import GraphModule
 
 from .config import ForaConfig
@@ -35,21 +36,13 @@ def store_placement_patches(buffers: Sequence[int]) -> dict[str, Any]:
     these input positions, after whatever post-grad pass is configured already."""
     import torch._inductor.config as inductor_config
 
-    if not buffers or not hasattr(inductor_config, "post_grad_custom_post_pass"):
+    if not buffers:
         return {}
     return {"post_grad_custom_post_pass": StoresNearValues(
         buffers, inductor_config.post_grad_custom_post_pass)}
 
 
-def _custom_graph_pass() -> type:
-    try:
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-    except ImportError:  # pragma: no cover - a torch without it gets no placement pass
-        return object
-    return CustomGraphPass
-
-
-class StoresNearValues(_custom_graph_pass()):  # type: ignore[misc]
+class StoresNearValues(CustomGraphPass):
     """Post-grad pass: moves each cache store next to the value it stores.
 
     AOTAutograd applies input mutations at the end of the graph, so each `copy_` into a cache
@@ -80,8 +73,6 @@ class StoresNearValues(_custom_graph_pass()):  # type: ignore[misc]
                 src.append(node)
 
     def uuid(self) -> Any:
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
         then = None
         if self.then is not None:
             then = self.then.uuid() if hasattr(self.then, "uuid") else None
