@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
+from .effects import aliases_of, data_inputs, fresh_base, mutated_arg
 from .patterns import (
     attention_qk,
     is_attention_core,
@@ -125,8 +126,23 @@ def _check_region(g: _Graph, region: set[Node], cores: set[Node]) -> tuple[list[
     )
     if not outputs:
         return outputs, "the region has no output used outside it"
-    for n in region:
-        if n.is_impure():
+    # In-place writes are allowed only into memory the region allocated itself (Wan's
+    # rotary embedding fills an empty_like buffer); they are dropped with the region.
+    writes: dict[Node, Node] = {}
+    for n in sorted(region, key=g.order.__getitem__):
+        target = mutated_arg(n)
+        if target is not None:
+            base = fresh_base(target)
+            if base is None or base not in region:
+                return outputs, f"node {n.name} writes {target.name} in place"
+            writes[n] = base
+            # The refresh graph stores an output right where it is computed; a later write
+            # into it would be missed.
+            written = aliases_of(base, region) & set(outputs)
+            if written:
+                first = min(written, key=g.order.__getitem__)
+                return outputs, f"output {first.name} is written in place by {n.name}"
+        elif n.is_impure():
             return outputs, f"node {n.name} has side effects"
     for n in outputs:
         val = n.meta.get("example_value")
@@ -140,12 +156,16 @@ def _check_region(g: _Graph, region: set[Node], cores: set[Node]) -> tuple[list[
     # Bypass: an output reachable from a region input without passing a core means the
     # module adds its input back in (residual inside the module); caching it would freeze
     # the residual stream on reuse steps.
+    # Only value dependencies count (out.type_as(query) reads query's dtype, not its
+    # values); an in-place write taints the buffer it writes and every view of it.
     bypass: set[Node] = set()
     for n in sorted(region, key=g.order.__getitem__):
         if n in cores:
             continue
-        if any((a not in region and not is_parameter(a)) or a in bypass for a in n.all_input_nodes):
+        if any((a not in region and not is_parameter(a)) or a in bypass for a in data_inputs(n)):
             bypass.add(n)
+            if n in writes:
+                bypass |= aliases_of(writes[n], region)
     leaked = [n.name for n in outputs if n in bypass]
     if leaked:
         return outputs, (

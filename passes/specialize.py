@@ -85,7 +85,9 @@ def specialize(gm: GraphModule, sites: Sequence[Site], refresh: bool) -> GraphMo
             with graph.inserting_after(out):
                 if refresh:
                     node = graph.create_node(
-                        "call_function", STORE, (caches[buf], out),
+                        "call_function",
+                        STORE,
+                        (caches[buf], out),
                         name=f"fora_store_{site.name}{sfx}",
                     )
                 else:
@@ -101,7 +103,10 @@ def specialize(gm: GraphModule, sites: Sequence[Site], refresh: bool) -> GraphMo
     if not refresh:
         # The region and everything that only fed it (norm, modulate, unused adaLN chunks)
         # lost their users; fora::store is mutable, so DCE never touches a refresh graph's stores.
-        graph.eliminate_dead_code()
+        # A region's in-place writes into its own buffers (locate allows only those) die
+        # with it, although DCE keeps mutations by default.
+        dead = {n for site in sites for n in site.nodes}
+        graph.eliminate_dead_code(is_impure_node=lambda n: n.name not in dead and n.is_impure())
     graph.lint()
     new.recompile()
     return new

@@ -26,7 +26,13 @@ KINDS = {
     "flux": ["attn", "mlp", "mlp", "parallel"],
     "timm": ["attn", "mlp"] * 2,
     "timm_xattn": ["attn", "cross_attn", "mlp"] * 2,
+    "wan": ["attn", "cross_attn", "mlp"] * 2,
+    "cogvideox": ["attn", "mlp"] * 2,
+    "ltx": ["attn", "cross_attn", "mlp"] * 2,
+    "hunyuan_video": ["attn", "mlp", "attn", "mlp", "mlp", "parallel"],
 }
+# Sites with two cached outputs (joint text + image attention), by position.
+JOINT = {"sd3": [0], "flux": [0], "cogvideox": [0, 2], "hunyuan_video": [2]}
 
 
 def _captured(name):
@@ -44,15 +50,15 @@ def test_sites_found_by_structure(name):
     assert [s.kind for s in result.sites] == KINDS[name]
     # Without the id -> name map the paths come from Dynamo's source text and agree.
     assert [s.module_path for s in locate(gm).sites] == case.explained
-    # Joint attention (SD3 / Flux double blocks) caches both of its outputs.
+    # Joint attention (SD3 / Flux double blocks, CogVideoX, HunyuanVideo) caches both of its
+    # outputs.
     n_out = [len(s.outputs) for s in result.sites]
-    if name in ("sd3", "flux"):
-        assert n_out[0] == 2
-    else:
-        assert set(n_out) == {1}
+    joint = JOINT.get(name, [])
+    assert [i for i, n in enumerate(n_out) if n == 2] == joint
+    assert all(n == 1 for i, n in enumerate(n_out) if i not in joint)
 
 
-@pytest.mark.parametrize("name", ["dit", "sd3"])
+@pytest.mark.parametrize("name", ["dit", "sd3", "wan"])  # wan: in-place rotary writes
 def test_variants_counts_and_invariants(name):
     case, gm, _ = _captured(name)
     sites = locate(gm, module_paths(case.model)).sites

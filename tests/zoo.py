@@ -1,6 +1,6 @@
 """Tiny random-weight diffusion transformers used as FORA test subjects.
 
-Every case is a 2-block (or 1 double + 1 single block for Flux) model with a
+Every case is a 2-block (or 1 double + 1 single block for Flux and HunyuanVideo) model with a
 hidden size of 16-32 and an 8x8 latent, so one forward pass takes a few
 milliseconds on CPU.  Weights are random but deterministic (each builder
 seeds torch), and any parameter that a library initialises to all zeros is
@@ -106,6 +106,9 @@ def output_tensor(out) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- diffusers
+
+# Video DiTs live in their own module; their builders import this one's helpers when called.
+from zoo_video import build_cogvideox, build_hunyuan_video, build_ltx, build_wan  # noqa: E402
 
 
 def build_dit(batch: int = BATCH) -> Case:
@@ -488,6 +491,10 @@ CASES: dict[str, Callable[[], Case]] = {
     "flux": build_flux,
     "timm": build_timm,
     "timm_xattn": build_timm_xattn,
+    "wan": build_wan,
+    "cogvideox": build_cogvideox,
+    "ltx": build_ltx,
+    "hunyuan_video": build_hunyuan_video,
 }
 
 
