@@ -1,6 +1,6 @@
 """FORA on unmodified diffusers pipelines: one line per pipeline, every family.
 
-    python examples/pipelines.py [--family dit|pixart|sd3|flux|all] [--compiler inductor]
+    python examples/pipelines.py [--family dit|pixart|sd3|flux|wan|all] [--compiler inductor]
 
 Each family builds its real diffusers pipeline around a tiny random-weight transformer and
 VAE (no downloads; with real weights you would use `from_pretrained`) and passes prompt
@@ -22,6 +22,7 @@ import sys
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLWan,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -33,6 +34,9 @@ from diffusers import (
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 
 import fora_fx
@@ -101,12 +105,29 @@ def flux(seed):  # double + single (parallel) blocks, true CFG with cache_contex
                       true_cfg_scale=4.0, height=2 * S, width=2 * S, output_type="latent")
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux}
+def wan(seed):  # video: rotary self-attention, cross-attention; cond / uncond calls per step
+    model = WanTransformer3DModel(**TINY, patch_size=(1, 2, 2), in_channels=4, out_channels=4,
+                                  text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2)
+    # The VAE is not run (latent output); its scale factors make 9 frames of 16 x 16 pixels
+    # 3 latent frames of S x S.
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[], scale_factor_spatial=2)
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sched,
+                       transformer=model)
+    return pipe, dict(prompt_embeds=embeds(B, L, 24, seed=seed),
+                      negative_prompt_embeds=embeds(B, L, 24, seed=-1),
+                      height=2 * S, width=2 * S, num_frames=9, output_type="latent")
+
+
+FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "wan": wan}
 
 
 def images(pipe, kwargs, seed):
     out = pipe(**kwargs, num_inference_steps=8, generator=torch.Generator().manual_seed(seed))
-    return out.images if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images)
+    frames = out.frames if hasattr(out, "frames") else out.images  # video / image pipelines
+    return frames if isinstance(frames, torch.Tensor) else torch.as_tensor(frames)
 
 
 def run(name: str, compiler: str) -> bool:

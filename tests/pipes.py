@@ -1,6 +1,6 @@
 """Tiny random-weight diffusers *pipelines* for end-to-end FORA tests on CPU.
 
-Each case builds a real diffusers pipeline (DiT, PixArt-alpha/sigma, SD3, Flux) around a
+Each case builds a real diffusers pipeline (DiT, PixArt-alpha/sigma, SD3, Flux, Wan) around a
 1-2 block transformer with hidden size 32, an 8x8 latent and a one-level AutoencoderKL
 (vae_scale_factor 1), so an 8-step pipeline call takes a few tens of milliseconds.  There are
 no tokenizers or text encoders: prompt embeddings are random tensors drawn from the seed.
@@ -80,14 +80,15 @@ def _check_scale(pipe: Any) -> None:
 
 
 def output_tensor(out) -> torch.Tensor:
-    """The images / latents tensor of a pipeline output (``.images``, a tuple, numpy, ...)."""
+    """The images / latents tensor of a pipeline output (``.images``, ``.frames``, a tuple,
+    numpy, ...)."""
     import numpy as np
 
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, np.ndarray):
         return torch.from_numpy(out)
-    images = getattr(out, "images", None)
+    images = getattr(out, "images", getattr(out, "frames", None))  # frames: video pipelines
     if images is not None:
         return output_tensor(images)
     if isinstance(out, (tuple, list)) and len(out) > 0:
@@ -363,6 +364,50 @@ def build_flux_true_cfg() -> PipeCase:
     return _build_flux("flux_true_cfg", true_cfg=True)
 
 
+# --------------------------------------------------------------------------- Wan (video)
+
+
+def build_wan() -> PipeCase:
+    """Wan 2.1 text-to-video: cond and uncond are separate transformer calls per step, in
+    transformer.cache_context("cond") / ("uncond"), with Wan's UniPC flow-matching scheduler."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    text_dim = 24
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CH, out_channels=LATENT_CH, text_dim=text_dim, freq_dim=32,
+        ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )
+    # Never called with output_type="latent"; the pipeline reads its scale factors: 9 frames
+    # -> 3 latent frames, 16 x 16 pixels (Wan needs multiples of 16) -> 8 x 8 latents.
+    vae = AutoencoderKLWan(base_dim=8, z_dim=LATENT_CH, dim_mult=[1], num_res_blocks=1,
+                           attn_scales=[], temperal_downsample=[], scale_factor_spatial=2)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=scheduler,
+                       transformer=_finish(transformer))
+
+    def call(seed: int) -> dict:
+        g = _gen(seed + 1)
+        return {
+            "prompt_embeds": _randn(g, BATCH, TEXT_LEN, text_dim),
+            "negative_prompt_embeds": _randn(g, BATCH, TEXT_LEN, text_dim),
+            "height": 2 * SAMPLE, "width": 2 * SAMPLE, "num_frames": 9,
+            "generator": _gen(seed),
+            "num_inference_steps": STEPS,
+            "output_type": "latent",  # (BATCH, LATENT_CH, 3, SAMPLE, SAMPLE)
+        }
+
+    sites = [f"blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ffn")]
+    return PipeCase("wan", _finish_pipe(pipe), call, sites, calls_per_step=2)
+
+
 # --------------------------------------------------------------------------- registry
 
 # PixArt, SD3 and Flux pipelines are diffusers "torch and transformers" objects: without the
@@ -376,6 +421,7 @@ PIPES: dict[str, Callable[[], PipeCase]] = {
     "sd3_slg": build_sd3_slg,
     "flux": build_flux,
     "flux_true_cfg": build_flux_true_cfg,
+    "wan": build_wan,
 }
 
 

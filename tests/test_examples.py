@@ -59,7 +59,7 @@ def test_pipeline_examples_run_for_every_family():
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for family in ("DiTPipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline",
-                   "FluxPipeline"):
+                   "FluxPipeline", "WanPipeline"):
         assert f": {family}" in proc.stdout
     assert proc.stdout.strip().endswith("OK")
 

@@ -61,8 +61,9 @@ def test_interval_3_equals_eager_reference(name):
     assert not torch.allclose(got[0], plain[0])  # caching changed something
 
 
-def test_true_cfg_branches_are_named_by_cache_context():
-    case = make_pipe("flux_true_cfg")
+@pytest.mark.parametrize("name", ["flux_true_cfg", "wan"])
+def test_true_cfg_branches_are_named_by_cache_context(name):
+    case = make_pipe(name)
     pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
     _run(pipe, case, seeds=(0,))
     assert sorted(pipe.transformer._fora_runtime.branches) == ["cond", "uncond"]
