@@ -10,8 +10,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fora-fx", description="FORA as a torch.compile pass")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time FORA against eager, torch.compile and peers")
-    bench.add_argument("--model", default=None,
-                       choices=["dit-xl-2", "pixart-512", "tiny", "tiny-pixart"])
+    from .bench.setup import MODELS
+
+    bench.add_argument("--model", default=None, choices=list(MODELS),
+                       help="a diffusers config with random weights (default dit-xl-2)")
     bench.add_argument("--batch", type=int, default=1,
                        help="images per call; CFG doubles it (1: B=2, as DESIGN.md's anchors)")
     bench.add_argument("--steps", type=int, default=50)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from fora_fx import cli
 
 
@@ -59,15 +61,33 @@ def test_bench_pixart_path_with_profile(tmp_path, capsys):
 
 
 def test_bench_without_peers_has_only_the_compiled_rows(tmp_path):
-    # The GPU check's B=16 run: a time budget fits eager, compiled and fora_fx only.
+    # The GPU check's B=16 run: a time budget fits eager, compiled and fora_fx only. On the
+    # video path of the harness (Wan: 5-D latents, text tokens, no class labels).
     path = tmp_path / "bare.json"
-    assert cli.main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "4",
+    assert cli.main(["bench", "--model", "tiny-wan", "--device", "cpu", "--steps", "4",
                      "--repeats", "1", "--intervals", "3", "--no-ablation", "--no-peers",
                      "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
     assert [(r["method"], r["interval"]) for r in rows] == [
         ("eager", None), ("compiled", None), ("fora_fx", 3)]
-    assert rows[2]["loop_s"] > 0 and rows[2]["max_dev_vs_hook_fora"] is None
+    fora = rows[2]
+    assert fora["loop_s"] > 0 and fora["max_dev_vs_hook_fora"] is None
+    assert fora["cache_mib"] > 0 and fora["recompiles"] == 0
+    # every attention, cross-attention and FFN of both blocks is cached: 6 x [2, 48, 32] f32
+    assert fora["cache_mib"] * 2**20 == 6 * 2 * 48 * 32 * 4
+
+
+def test_video_inputs_and_sampler():
+    from fora_fx.bench.setup import Setup, build, sample
+
+    model, inputs = build(Setup(model="tiny-wan", device="cpu", batch=2))
+    assert inputs["noise"].shape == (2, 4, 3, 8, 8)
+    assert inputs["encoder_hidden_states"].shape == (4, 6, 24)  # CFG: cond + uncond rows
+    seen = []
+    with torch.no_grad():
+        out = sample(model, inputs, steps=3, on_step=seen.append)
+    assert out.shape == inputs["noise"].shape and len(seen) == 3
+    assert not torch.allclose(out.float(), inputs["noise"].float())
 
 
 def test_compile_caches_are_cold_per_family_and_warm_within_one():

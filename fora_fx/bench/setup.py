@@ -27,7 +27,21 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(**_DIT, **_TINY),
     # the PixArt path of the harness (caption tokens, cross-attention), CPU-sized
     "tiny-pixart": dict(**_PIXART, **_TINY, cross_attention_dim=32, caption_channels=24),
+    # Wan 2.1 T2V 1.3B (30 blocks, hidden 1536, FFN 8960, UMT5 text width 4096): 17 frames at
+    # 320 x 512 (latents 16 x 5 x 40 x 64, 3,200 video tokens), 128 prompt tokens
+    "wan-1.3b": dict(cls="WanTransformer3DModel", num_layers=30, num_attention_heads=12,
+                     attention_head_dim=128, ffn_dim=8960, in_channels=16, out_channels=16,
+                     text_dim=4096, latent=(16, 5, 40, 64), text_tokens=128),
+    # its structure (rotary self-attention, cross-attention, FFN) at CPU size
+    "small-wan": dict(cls="WanTransformer3DModel", num_layers=6, num_attention_heads=4,
+                      attention_head_dim=32, ffn_dim=512, in_channels=4, out_channels=4,
+                      text_dim=64, freq_dim=64, latent=(4, 3, 16, 16), text_tokens=16),
+    "tiny-wan": dict(cls="WanTransformer3DModel", num_layers=2, num_attention_heads=2,
+                     attention_head_dim=16, ffn_dim=64, in_channels=4, out_channels=4,
+                     text_dim=24, freq_dim=32, latent=(4, 3, 8, 8), text_tokens=6),
 }
+# Keys of a MODELS entry that describe the sampler's inputs, not the model's config.
+_INPUT_KEYS = ("latent", "text_tokens")
 
 
 @dataclass
@@ -88,6 +102,7 @@ def build(setup: Setup) -> tuple[torch.nn.Module, dict[str, Any]]:
     import diffusers
 
     spec = dict(MODELS[setup.model])
+    shapes = {k: spec.pop(k) for k in _INPUT_KEYS if k in spec}
     torch.manual_seed(0)
     model = getattr(diffusers, spec.pop("cls"))(**spec).eval()
     with torch.no_grad():  # adaLN-Zero initialises gates to zero: make every block count
@@ -95,9 +110,15 @@ def build(setup: Setup) -> tuple[torch.nn.Module, dict[str, Any]]:
             if not bool(p.ne(0).any()):
                 p.normal_(0, 0.02)
     model = model.to(setup.device, setup.dtype)
-    n, side = 2 * setup.batch, spec["sample_size"]
+    n = 2 * setup.batch
     g = torch.Generator().manual_seed(1)
     extra: dict[str, Any] = {}
+    if "latent" in shapes:  # video: [C, frames, H, W] latents, a text encoder's tokens
+        emb = torch.randn(n, shapes["text_tokens"], spec["text_dim"], generator=g)
+        noise = torch.randn(setup.batch, *shapes["latent"], generator=g)
+        return model, dict(noise=noise.to(setup.device, setup.dtype),
+                           encoder_hidden_states=emb.to(setup.device, setup.dtype))
+    side = spec["sample_size"]
     if "caption_channels" in spec:
         emb = torch.randn(n, 120, spec["caption_channels"], generator=g)
         extra = dict(encoder_hidden_states=emb.to(setup.device, setup.dtype),
@@ -111,7 +132,9 @@ def build(setup: Setup) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def sample(model: Callable[..., Any], inputs: dict[str, Any], steps: int, cfg: float = 4.0,
            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """DDIM (eta 0) with batched classifier-free guidance; host-side control only.
+    """DDIM (eta 0) with batched classifier-free guidance; host-side control only. (Wan's own
+    pipeline runs cond and uncond as two calls and samples by flow matching; the transformer's
+    work per step is the same.)
 
     The timesteps go to the device once, before the loop: `t.to(device)` inside it would copy
     from pageable host memory, which synchronizes the stream, every step. With a caching step
@@ -123,14 +146,15 @@ def sample(model: Callable[..., Any], inputs: dict[str, Any], steps: int, cfg: f
     sched: Any = DDIMScheduler()
     sched.set_timesteps(steps)
     kwargs = {k: v for k, v in inputs.items() if k != "noise"}
-    x = inputs["noise"]  # [B, 4, H, W]
+    x = inputs["noise"]  # [B, C, H, W], or [B, C, frames, H, W] for a video model
+    channels = x.shape[1]  # DiT's output also has C learned-variance channels: dropped
     on_device = sched.timesteps.to(x.device)
     for i, t in enumerate(sched.timesteps):
         if on_step is not None:
             on_step(int(t))
-        x_in = torch.cat([x, x])  # [2B, 4, H, W]: cond, uncond
+        x_in = torch.cat([x, x])  # [2B, ...]: cond, uncond
         ts = on_device[i].expand(x_in.shape[0])
-        out = model(x_in, timestep=ts, **kwargs).sample[:, :4].float()
+        out = model(x_in, timestep=ts, **kwargs).sample[:, :channels].float()
         cond, uncond = out.chunk(2)
         eps = uncond + cfg * (cond - uncond)
         x = sched.step(eps, t, x.float()).prev_sample.to(x.dtype)
