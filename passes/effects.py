@@ -61,8 +61,37 @@ def _is(node: Node, table: set) -> bool:
     return node.op in ("call_function", "call_method") and node.target in table
 
 
+# Runtime checks Dynamo inserts on data-dependent sizes (Mochi's attention gathers the
+# unmasked prompt tokens with nonzero): they have no effect beyond raising.
+_ASSERTS = {
+    torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range.default,
+    torch.ops.aten.sym_constrain_range_for_size.default, torch._check, torch._check_is_size,
+}
+
+
+def is_local_assert(node: Node, region: set[Node]) -> bool:
+    """A runtime check that reads only values computed inside `region`: it belongs to the
+    region and goes with it on a reuse step."""
+    return node.op == "call_function" and node.target in _ASSERTS and all(
+        a in region for a in node.all_input_nodes
+    )
+
+
+def _is_size(node: Node) -> bool:
+    return isinstance(node.meta.get("example_value"), (torch.SymInt, torch.SymBool))
+
+
 def data_inputs(node: Node) -> list[Node]:
-    """The argument nodes whose values (not just metadata) flow into `node`'s result."""
+    """The argument nodes whose values (not just metadata) flow into `node`'s result.
+
+    Sizes do not count either: a data-dependent size (Mochi pads each prompt's attention
+    output by the count of its masked tokens) shapes the result but adds no input values to
+    it, which is what the locator's residual check is after.
+    """
+    return [a for a in _value_args(node) if not _is_size(a)]
+
+
+def _value_args(node: Node) -> list[Node]:
     meta: Node | None = None
     if _is(node, _META_SELF) and node.args and isinstance(node.args[0], Node):
         meta = node.args[0]
@@ -121,4 +150,4 @@ def aliases_of(base: Node, region: set[Node]) -> set[Node]:
     return out
 
 
-__all__ = ["aliases_of", "data_inputs", "fresh_base", "mutated_arg"]
+__all__ = ["aliases_of", "data_inputs", "fresh_base", "is_local_assert", "mutated_arg"]

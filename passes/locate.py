@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from .effects import aliases_of, data_inputs, fresh_base, mutated_arg
+from .effects import aliases_of, data_inputs, fresh_base, is_local_assert, mutated_arg
 from .patterns import (
     attention_qk,
     is_attention_core,
@@ -142,7 +142,7 @@ def _check_region(g: _Graph, region: set[Node], cores: set[Node]) -> tuple[list[
             if written:
                 first = min(written, key=g.order.__getitem__)
                 return outputs, f"output {first.name} is written in place by {n.name}"
-        elif n.is_impure():
+        elif n.is_impure() and not is_local_assert(n, region):
             return outputs, f"node {n.name} has side effects"
     for n in outputs:
         val = n.meta.get("example_value")

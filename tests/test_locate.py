@@ -30,9 +30,10 @@ KINDS = {
     "cogvideox": ["attn", "mlp"] * 2,
     "ltx": ["attn", "cross_attn", "mlp"] * 2,
     "hunyuan_video": ["attn", "mlp", "attn", "mlp", "mlp", "parallel"],
+    "mochi": ["attn", "attn", "mlp", "mlp", "attn", "mlp"],
 }
 # Sites with two cached outputs (joint text + image attention), by position.
-JOINT = {"sd3": [0], "flux": [0], "cogvideox": [0, 2], "hunyuan_video": [2]}
+JOINT = {"sd3": [0], "flux": [0], "cogvideox": [0, 2], "hunyuan_video": [2], "mochi": [1]}
 
 
 def _captured(name):

@@ -108,7 +108,13 @@ def output_tensor(out) -> torch.Tensor:
 # --------------------------------------------------------------------------- diffusers
 
 # Video DiTs live in their own module; their builders import this one's helpers when called.
-from zoo_video import build_cogvideox, build_hunyuan_video, build_ltx, build_wan  # noqa: E402
+from zoo_video import (  # noqa: E402
+    build_cogvideox,
+    build_hunyuan_video,
+    build_ltx,
+    build_mochi,
+    build_wan,
+)
 
 
 def build_dit(batch: int = BATCH) -> Case:
@@ -495,6 +501,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "cogvideox": build_cogvideox,
     "ltx": build_ltx,
     "hunyuan_video": build_hunyuan_video,
+    "mochi": build_mochi,
 }
 
 

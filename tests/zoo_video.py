@@ -143,4 +143,38 @@ def build_hunyuan_video(batch: int):
     return Case("hunyuan_video", model, inputs, sites, fora_sites)
 
 
-__all__ = ["build_cogvideox", "build_hunyuan_video", "build_ltx", "build_wan"]
+def build_mochi(batch: int):
+    """Mochi 1: joint attention that gathers each prompt's unmasked tokens with nonzero (a
+    data-dependent size, with Dynamo's runtime checks on it) and pads back; an attention
+    pooling of the prompt in the time embedding; the last block is context-pre-only."""
+    from diffusers import MochiTransformer3DModel
+    from zoo import LATENT_CH, SAMPLE, TEXT_LEN, Case, _finish, _gen, _randn, _timesteps
+
+    text_dim = 24
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=HEAD_DIM, num_layers=2,
+        pooled_projection_dim=16, in_channels=LATENT_CH, text_embed_dim=text_dim,
+        time_embed_dim=8, max_sequence_length=TEXT_LEN,
+    )
+    model = _finish(model)
+
+    def inputs(step: int, seed: int) -> tuple[tuple, dict]:
+        g = _gen(seed)
+        return (), {
+            "hidden_states": _randn(g, batch, LATENT_CH, FRAMES, SAMPLE, SAMPLE),
+            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, text_dim),
+            "encoder_attention_mask": _text_mask(batch),
+            "timestep": _timesteps(step, batch),
+        }
+
+    sites = [
+        "time_embed.pooler",  # attention pooling of the prompt (see docs/sharp-edges.md)
+        "transformer_blocks.0.attn1",  # returns (video_out, text_out)
+        "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+        "transformer_blocks.1.attn1", "transformer_blocks.1.ff",  # text_out is None here
+    ]
+    return Case("mochi", model, inputs, sites)
+
+
+__all__ = ["build_cogvideox", "build_hunyuan_video", "build_ltx", "build_mochi", "build_wan"]
