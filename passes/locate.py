@@ -1,10 +1,12 @@
 """Locate pass: find FORA's cache sites in a Dynamo-captured graph, model-agnostically.
 
 A site is the region of one module call (nodes sharing an nn_module_stack key) that is
-  * an attention: the innermost module around an attention core (SDPA, or softmax fed into
-    a matmul), classed "cross_attn" when its keys come from other inputs than its queries;
-  * an MLP: the innermost module around Linear -> activation -> Linear operating on the token
-    stream (downstream of some attention), which excludes timestep / caption embedders;
+  * an attention: the innermost module around an attention core (SDPA, softmax fed into a
+    matmul, or a linear attention's (V K^T) Q), classed "cross_attn" when its keys come from
+    other inputs than its queries;
+  * an MLP: the innermost module around Linear -> activation -> Linear (or convolutions, as
+    in Sana) operating on the token stream (downstream of some attention), which excludes
+    timestep / caption embedders;
   * a parallel block (Flux single blocks): an attention and an MLP half concatenated into a
     shared output projection; the projection's output is the cache point.
 The module boundary is FORA's cache point: in DiT-style blocks the gate multiply and the
@@ -30,6 +32,8 @@ from .patterns import (
     is_attention_core,
     is_linear,
     is_parameter,
+    is_projection,
+    is_token_product,
     mlp_first_linear,
     parallel_chain,
 )
@@ -233,7 +237,7 @@ def locate(
 
     stream = _downstream(attn_cores)
     for l2 in g.nodes:
-        if not is_linear(l2):
+        if not is_projection(l2):
             continue
         l1 = mlp_first_linear(l2)
         if l1 is None or l1 not in stream:
@@ -253,6 +257,8 @@ def locate(
     for key, (kind, cores, region) in candidates.items():
         if kind not in kinds:
             continue
+        if kind != "mlp":  # every token product of an attention is part of its core
+            cores = cores | {n for n in region if is_token_product(n)}
         outputs, reason = _check_region(g, region, cores)
         if reason is not None:
             result.refused.append(Refusal(g.path(key), kind, reason))

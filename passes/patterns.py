@@ -43,12 +43,40 @@ def _matches(node: Node, table: set) -> bool:
 
 
 def is_attention_core(node: Node) -> bool:
-    """SDPA (diffusers AttnProcessor2_0, timm) or softmax -> matmul (diffusers AttnProcessor)."""
+    """SDPA (diffusers AttnProcessor2_0, timm), softmax -> matmul (diffusers AttnProcessor), or
+    linear attention: (V K^T) Q, a product of two computed tensors one of which is itself
+    such a product (Sana's and SanaVideo's ReLU-kernel attention)."""
     if _matches(node, _SDPA):
         return True
     if _matches(node, _SOFTMAX):
         return any(_matches(u, _MATMUL) for u in _skip_identities(node.users))
+    if is_token_product(node):
+        return any(is_token_product(_skip_views(a)) for a in _operands(node))
     return False
+
+
+def _operands(node: Node) -> list[Node]:
+    return [a for a in node.args[-2:] if isinstance(a, Node)]
+
+
+def is_token_product(node: Node) -> bool:
+    """A matmul of two computed tensors (no weight): how attention mixes tokens. Inside an
+    attention module every such product counts as part of its core (SanaVideo normalises by
+    1 / (sum(K)^T Q), computed beside the (V K^T) Q chain)."""
+    if not _matches(node, _MATMUL):
+        return False
+    ops = _operands(node)
+    return len(ops) == 2 and not any(is_parameter(a) for a in ops)
+
+
+_VIEWS = {"transpose", "permute", "float", "to", "contiguous", "reshape", "view", "flatten",
+          "unflatten", torch.transpose, torch.permute, torch.reshape, torch.flatten}
+
+
+def _skip_views(node: Node) -> Node:
+    while _matches(node, _VIEWS) and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
 
 
 def _skip_identities(nodes: Iterable[Node]) -> list[Node]:
@@ -63,6 +91,16 @@ def _skip_identities(nodes: Iterable[Node]) -> list[Node]:
 
 def is_linear(node: Node) -> bool:
     return _matches(node, _LINEAR)
+
+
+# Convolutions as an MLP's projections: Sana's GLUMBConv is 1x1 conv -> SiLU -> depthwise 3x3
+# conv -> GLU -> 1x1 conv over the token grid.
+_CONV = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def is_projection(node: Node) -> bool:
+    """A Linear, or a convolution (an MLP's projection over a token grid)."""
+    return _matches(node, _LINEAR) or _matches(node, _CONV)
 
 
 def is_parameter(node: Node) -> bool:
@@ -80,6 +118,13 @@ def attention_qk(core: Node) -> tuple[Node, Node] | None:
         args = list(core.args) + [None, None]
         q = args[0] if args[0] is not None else core.kwargs.get("query")
         k = args[1] if args[1] is not None else core.kwargs.get("key")
+    elif is_token_product(core) and not _matches(core, _SOFTMAX):  # linear: (V K^T) Q
+        ops = _operands(core)
+        inner = [a for a in ops if is_token_product(_skip_views(a))]
+        if not inner:
+            return None
+        q = next((a for a in ops if a is not inner[0]), None)
+        k = _operands(_skip_views(inner[0]))[-1]
     else:  # softmax(matmul(q, k^T)) or softmax(baddbmm(bias, q, k^T))
         src = core.args[0]
         while isinstance(src, Node) and not _matches(src, _MATMUL):
@@ -100,7 +145,8 @@ def mlp_first_linear(l2: Node) -> Node | None:
     """The Linear feeding `l2` through activation / glue ops only, or None.
 
     diffusers FeedForward (proj -> GELU / GEGLU -> dropout -> Linear), timm Mlp (fc1 -> GELU
-    -> fc2), timestep embedders (linear_1 -> SiLU -> linear_2; the locator drops those).
+    -> fc2), Sana's GLUMBConv (convolutions: depthwise conv -> GLU -> 1x1 conv), timestep
+    embedders (linear_1 -> SiLU -> linear_2; the locator drops those).
     """
     x = l2.args[0] if l2.args else None
     if not isinstance(x, Node):
@@ -113,7 +159,7 @@ def mlp_first_linear(l2: Node) -> Node | None:
         if n in seen:
             continue
         seen.add(n)
-        if is_linear(n):
+        if is_projection(n):
             sources.add(n)
             continue
         if _matches(n, _ACTIVATIONS):

@@ -31,6 +31,8 @@ KINDS = {
     "ltx": ["attn", "cross_attn", "mlp"] * 2,
     "hunyuan_video": ["attn", "mlp", "attn", "mlp", "mlp", "parallel"],
     "mochi": ["attn", "attn", "mlp", "mlp", "attn", "mlp"],
+    "sana": ["attn", "cross_attn", "mlp"] * 2,
+    "sana_video": ["attn", "cross_attn", "mlp"] * 2,
 }
 # Sites with two cached outputs (joint text + image attention), by position.
 JOINT = {"sd3": [0], "flux": [0], "cogvideox": [0, 2], "hunyuan_video": [2], "mochi": [1]}

@@ -107,7 +107,9 @@ def output_tensor(out) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- diffusers
 
-# Video DiTs live in their own module; their builders import this one's helpers when called.
+# Video DiTs and the Sana family live in their own modules; their builders import this
+# one's helpers when called.
+from zoo_sana import build_sana, build_sana_video  # noqa: E402
 from zoo_video import (  # noqa: E402
     build_cogvideox,
     build_hunyuan_video,
@@ -502,6 +504,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "ltx": build_ltx,
     "hunyuan_video": build_hunyuan_video,
     "mochi": build_mochi,
+    "sana": build_sana,
+    "sana_video": build_sana_video,
 }
 
 
