@@ -19,6 +19,7 @@ from .config import ForaConfig
 from .direct import frame_effects
 from .passes import (
     LocateResult,
+    Refusal,
     batch_blocks,
     clone,
     elide_loads,
@@ -38,7 +39,8 @@ class NoSitesError(ValueError):
 
 def describe_refusals(located: LocateResult, config: ForaConfig) -> str:
     lines = [f"  {r.module_path} ({r.kind}): {r.reason}" for r in located.refused]
-    skipped = [s for s in located.sites if s.kind not in config.sites]
+    skipped = [s for s in located.sites
+               if s.kind not in config.sites and config.excluded_by(s.module_path) is None]
     lines += [f"  {s.module_path} ({s.kind}): not in config.sites={config.sites}" for s in skipped]
     return "\n".join(lines) if lines else "  (no attention or MLP region found)"
 
@@ -59,7 +61,13 @@ def build_pair(
     module_paths: Mapping[str, str] | None = None,
 ) -> CompiledPair:
     located = locate(gm, module_paths, config.sites)
-    sites = [s for s in located.sites if s.kind in config.sites]
+    sites = []
+    for s in located.sites:
+        pattern = config.excluded_by(s.module_path)
+        if pattern is not None:
+            located.refused.append(Refusal(s.module_path, s.kind, f"excluded by {pattern!r}"))
+        elif s.kind in config.sites:
+            sites.append(s)
     if not sites:
         raise NoSitesError(
             "fora_fx found no attention or MLP site to cache in this model:\n"

@@ -6,6 +6,7 @@ The schedule rule lives here and nowhere else (`ForaConfig.refreshes`).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,10 @@ class ForaConfig:
     refresh_last:  with num_steps known, the final step recomputes (the official code does).
     sites:         which kinds of site to cache: any of "attn", "cross_attn", "mlp",
                    "parallel" (a parallel block's fused attention + MLP output, Flux).
+    exclude:       module-path patterns (fnmatch: "context_embedder.*",
+                   "transformer_blocks.0.*") whose sites are not cached; `explain` lists
+                   them with the pattern. For sites outside the DiT blocks the paper caches
+                   (HunyuanVideo's token refiner) or blocks kept exact.
     compiler:      "inductor" (default), "aot_eager" or "eager" (runs the rewritten graphs
                    without compiling; for debugging and fast tests).
     mode:          torch.compile mode for Inductor; "reduce-overhead" turns on CUDA graphs.
@@ -64,6 +69,7 @@ class ForaConfig:
     num_steps: int | None = None
     refresh_last: bool = True
     sites: tuple[str, ...] = SITE_KINDS
+    exclude: tuple[str, ...] = ()
     compiler: str = "inductor"
     mode: str | None = None
     batch_blocks: bool = True
@@ -88,6 +94,15 @@ class ForaConfig:
                 f"ForaConfig.sites must be a non-empty subset of {SITE_KINDS}, got {self.sites!r}"
             )
         object.__setattr__(self, "sites", sites)
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not isinstance(exclude, (tuple, list)) or not all(
+            isinstance(p, str) and p for p in exclude
+        ):
+            raise TypeError(
+                "ForaConfig.exclude must be a tuple of module-path patterns such as "
+                f"('context_embedder.*',), got {self.exclude!r}"
+            )
+        object.__setattr__(self, "exclude", tuple(exclude))
         if self.compiler not in COMPILERS:
             raise ValueError(
                 f"ForaConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}"
@@ -112,6 +127,10 @@ class ForaConfig:
             return True
         n = self.num_steps if num_steps is None else num_steps
         return n is not None and self.refresh_last and step == n - 1
+
+    def excluded_by(self, module_path: str) -> str | None:
+        """The first `exclude` pattern matching `module_path`, or None."""
+        return next((p for p in self.exclude if fnmatch.fnmatchcase(module_path, p)), None)
 
     def replace(self, **changes: Any) -> ForaConfig:
         return dataclasses.replace(self, **changes)

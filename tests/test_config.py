@@ -24,6 +24,8 @@ from fora_fx import ForaConfig
         ({"sites": ()}, "sites must be a non-empty subset"),
         ({"compiler": "tvm"}, r"compiler must be one of \('inductor', 'aot_eager', 'eager'\)"),
         ({"mode": "fast"}, "mode must be one of"),
+        ({"exclude": ("blocks.0.*", 3)}, "exclude must be a tuple of module-path patterns"),
+        ({"exclude": ("",)}, "exclude must be a tuple of module-path patterns"),
     ],
 )
 def test_invalid_values_say_what_is_valid(kwargs, match):
@@ -32,8 +34,11 @@ def test_invalid_values_say_what_is_valid(kwargs, match):
 
 
 def test_frozen_and_normalised():
-    cfg = ForaConfig(sites="mlp")
-    assert cfg.sites == ("mlp",)
+    cfg = ForaConfig(sites="mlp", exclude="context_embedder.*")
+    assert cfg.sites == ("mlp",) and cfg.exclude == ("context_embedder.*",)
+    assert cfg.excluded_by("context_embedder.token_refiner.refiner_blocks.0.attn") == (
+        "context_embedder.*")
+    assert cfg.excluded_by("transformer_blocks.0.attn") is None
     with pytest.raises(AttributeError):
         cfg.interval = 5  # type: ignore[misc]
 

@@ -96,3 +96,38 @@ def test_new_shape_recomputes_and_old_cache_is_never_read():
     # refresh, so it must not be read.
     assert fast(*toy.inputs(5)).item() == r(5)
     assert len(fast._fora_runtime.pairs) == 2
+
+
+def test_excluded_sites_run_every_step_and_are_listed():
+    # Block 0 kept exact: its attention and MLP recompute on every step, as in the reference
+    # that caches block 1 only.
+    case = make("dit")
+    fast = fora_fx.transform(case.model, interval=3, compiler="eager",
+                             exclude=("transformer_blocks.0.*",))
+    got = _run(fast, case, 4, seed=1)
+    kept = [p for p in case.sites if p.startswith("transformer_blocks.1.")]
+    ref = EagerFora(case.model, kept, interval=3)
+    expected = _run(ref, case, 4, seed=1)
+    ref.remove()
+    for k, (e, g) in enumerate(zip(expected, got, strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
+    explained = fora_fx.explain(fast)
+    assert [s.module_path for s in explained.sites] == kept
+    assert "transformer_blocks.0.attn1 (attn): excluded by 'transformer_blocks.0.*'" in str(
+        explained)
+    # Caching every block gives another result on a reuse step (the check can fail).
+    everything = fora_fx.transform(make("dit").model, interval=3, compiler="eager")
+    assert not torch.allclose(_run(everything, case, 2, seed=1)[1], got[1])
+
+
+def test_hunyuan_token_refiner_caching_changes_no_result():
+    # The refiner's output (prompt tokens) mixes with the video tokens only inside cached
+    # attentions; on a reuse step it reaches only the prompt positions the model drops at
+    # the end. So caching it or not gives the same output.
+    case = make("hunyuan_video")
+    cached = _run(fora_fx.transform(case.model, interval=3, compiler="eager"), case, 3)
+    kept = fora_fx.transform(make("hunyuan_video").model, interval=3, compiler="eager",
+                             exclude=("context_embedder.*",))
+    for a, b in zip(cached, _run(kept, case, 3), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "token_refiner" in fora_fx.explain(kept, graph=True).graphs["reuse"]  # computed
