@@ -68,6 +68,8 @@ class ForaModule(torch.nn.Module):
             and self.__dict__.get("_fora_last") == (sig, self._fora_state())
         )
         call = self.__dict__.get("_fora_direct") if repeats else None
+        if call is not None and not call.valid():
+            call = repeats = None  # a tensor attribute was reassigned: through Dynamo
         stance = guards.unguarded() if repeats and call is None else None
         with torch.no_grad(), active(runtime, self._fora_paths):
             if call is not None:

@@ -11,7 +11,9 @@ a record of one guarded call:
   * inputs: each flat input of the compiled pair is either one of the call's arguments (found
     by identity at a path into args / kwargs: it is read from there again) or one of the
     model's parameters and buffers (kept: a parameter keeps its identity, and an in-place
-    load or `p.data = t` is seen through it just as through Dynamo's fetch);
+    load or `p.data = t` is seen through it just as through Dynamo's fetch), or a plain
+    tensor attribute of one of its modules (Kandinsky 5's `freqs`: kept while the attribute
+    still holds that tensor, which `DirectCall.valid` checks on every call);
   * output: the value the frame returned, as a pytree whose tensor leaves are the pair's
     outputs, by identity, and whose other leaves are plain constants.
 
@@ -63,6 +65,12 @@ class DirectCall:
     slots: tuple[tuple[int, Path], ...]  # (flat index, where in the call's arguments)
     leaves: tuple[tuple[bool, Any], ...]  # (True, pair output index) or (False, constant)
     spec: pytree.TreeSpec
+    attributes: tuple[tuple[Any, str, int], ...] = ()  # (module, name, flat index)
+
+    def valid(self) -> bool:
+        """Whether the tensor attributes the frame read are still the recorded tensors (a
+        reassigned one needs Dynamo: its guards check it, and may recompile)."""
+        return all(vars(m).get(name) is self.template[i] for m, name, i in self.attributes)
 
     def __call__(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         flat = list(self.template)
@@ -96,13 +104,19 @@ def plan(
         if isinstance(value, torch.Tensor):
             paths.setdefault(id(value), []).append(path)
     owned = {id(t) for t in (*model.parameters(), *model.buffers())}
-    slots = []
+    slots, attributes = [], []
+    held: dict[int, tuple[Any, str]] | None = None
     for i, value in enumerate(flat):
         found = paths.get(id(value), [])
         if len(found) == 1:
             slots.append((i, found[0]))
-        elif found or id(value) not in owned:
-            return None  # the same object at two places, or an input from elsewhere
+        elif found:
+            return None  # the same object at two places
+        elif id(value) not in owned:
+            held = _tensor_attributes(model) if held is None else held
+            if id(value) not in held:
+                return None  # an input from elsewhere
+            attributes.append((*held[id(value)], i))
     index = {id(t): j for j, t in enumerate(outs)}
     values, spec = pytree.tree_flatten(out)
     leaves: list[tuple[bool, Any]] = []
@@ -118,7 +132,18 @@ def plan(
     template = list(flat)
     for i, _ in slots:  # read from each call's arguments: hold no stale one
         template[i] = None
-    return DirectCall(pair, tuple(template), tuple(slots), tuple(leaves), spec)
+    return DirectCall(pair, tuple(template), tuple(slots), tuple(leaves), spec,
+                      tuple(attributes))
+
+
+def _tensor_attributes(model: torch.nn.Module) -> dict[int, tuple[Any, str]]:
+    """id -> (module, attribute name) of tensors held as plain module attributes."""
+    held: dict[int, tuple[Any, str]] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                held.setdefault(id(value), (module, name))
+    return held
 
 
 # What the compiled pairs ran during a guarded ForaModule call, for `plan`.

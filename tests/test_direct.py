@@ -77,6 +77,41 @@ def test_arguments_at_nested_paths_are_read_from_each_call():
     assert fast._fora_runtime.stats.direct == 5
 
 
+class _Shifted(nn.Module):
+    """Reads a plain tensor attribute (not a parameter or buffer), as Kandinsky 5's time
+    embedding does: Dynamo lifts it as a graph input of its own."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.shift = torch.full((1,), 0.5)
+
+    def forward(self, x, t, y):
+        return self.inner(x + self.shift, t, y)
+
+
+def test_tensor_attributes_are_held_while_they_hold_the_same_tensor():
+    case = make("timm")
+    fast, through_dynamo = _pair(_Shifted(case.model), compiler="eager")
+    direct_before = []
+    for k in range(6):
+        args, _ = case.inputs(k, 5)
+        if k == 2:  # in place: the same tensor, seen by the direct call
+            for m in (fast, through_dynamo):
+                m.shift.fill_(-0.25)
+        if k == 4:  # reassigned: the next call goes through Dynamo again
+            for m in (fast, through_dynamo):
+                m._fora_model.shift = torch.full((1,), 1.5)
+        direct_before.append(fast._fora_runtime.stats.direct)
+        with torch.no_grad():
+            got, want = fast(*args), through_dynamo(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # calls 1, 2, 3 and 5 direct; call 4 saw a reassigned attribute and was guarded
+    assert direct_before[1:] + [fast._fora_runtime.stats.direct] == [0, 1, 2, 3, 3, 4]
+    # with the attribute unread, the shifts would not have moved the output (can fail)
+    assert not torch.equal(fast(*case.inputs(0, 5)[0]), fast.inner(*case.inputs(0, 5)[0]))
+
+
 class _Logging(TimmDiT):
     """A forward with a Python side effect, which Dynamo replays in its frame."""
 
