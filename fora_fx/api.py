@@ -13,7 +13,7 @@ from . import direct, guards
 from .backend import backend
 from .capture import module_paths
 from .config import ForaConfig
-from .pipelines import is_pipeline, restore_pipeline, transform_pipeline
+from .pipelines import is_pipeline, restore_pipeline, transform_pipeline, wrapped
 from .runtime import Runtime, active, runtimes_of
 from .steps import PipelineSteps
 
@@ -186,9 +186,9 @@ def runtimes(obj: Any) -> list[Runtime]:
     if isinstance(obj, ForaModule):
         return [obj._fora_runtime]
     if is_pipeline(obj):
-        fast = getattr(obj, "transformer", None)
-        if isinstance(fast, ForaModule):
-            return [fast._fora_runtime]
+        fasts = wrapped(obj)
+        if fasts:
+            return [f._fora_runtime for f in fasts]
         raise TypeError(f"{type(obj).__name__} was not transformed by fora_fx.transform")
     orig = getattr(obj, "_orig_mod", None)  # torch.compile(...) of a module
     if isinstance(orig, torch.nn.Module):

@@ -1,7 +1,8 @@
 """Drop-in for unmodified diffusers pipelines: `fora_fx.transform(pipe, interval=3)`.
 
-The pipeline's transformer is replaced by a ForaModule whose step position comes from the
-pipeline's scheduler (fora_fx/steps.py); `fora_fx.restore(pipe)` puts the original back.
+The pipeline's transformer (and `transformer_2`, ..., Wan 2.2's second expert) is replaced by
+a ForaModule whose step position comes from the pipeline's scheduler (fora_fx/steps.py);
+`fora_fx.restore(pipe)` puts the originals back.
 Nothing of diffusers is imported: a pipeline is anything with a `transformer` module and a
 `scheduler`.
 """
@@ -27,8 +28,18 @@ def _components(pipe: Any) -> list[str]:
     return sorted(comps) if isinstance(comps, dict) else []
 
 
+def transformer_names(pipe: Any) -> list[str]:
+    """`transformer`, then `transformer_2`, ... where present: Wan 2.2's two experts (high-
+    and low-noise steps) are `transformer` and `transformer_2`."""
+    names = ["transformer"]
+    while isinstance(getattr(pipe, f"transformer_{len(names) + 1}", None), torch.nn.Module):
+        names.append(f"transformer_{len(names) + 1}")
+    return names
+
+
 def transform_pipeline(pipe: Any, config: ForaConfig, wrap: Any) -> Any:
-    """Replaces `pipe.transformer` by `wrap(transformer, config, source)`; returns `pipe`."""
+    """Replaces `pipe.transformer` (and `transformer_2`, ...) by `wrap(transformer, config,
+    source)`; returns `pipe`. Each transformer has its own caches and step counting."""
     model = getattr(pipe, "transformer", None)
     if model is None or not isinstance(model, torch.nn.Module):
         has_unet = isinstance(getattr(pipe, "unet", None), torch.nn.Module)
@@ -40,18 +51,27 @@ def transform_pipeline(pipe: Any, config: ForaConfig, wrap: Any) -> Any:
         )
     if type(model).__name__ == "ForaModule":
         raise TypeError("fora_fx.transform: this pipeline is already transformed")
-    fast = wrap(model, config, PipelineSteps(pipe))
-    # object.__setattr__ skips DiffusionPipeline.__setattr__, which would record the
-    # wrapper's class in the pipeline config (save_pretrained must still name the model).
-    object.__setattr__(pipe, "transformer", fast)
+    for name in transformer_names(pipe):
+        fast = wrap(getattr(pipe, name), config, PipelineSteps(pipe))
+        # object.__setattr__ skips DiffusionPipeline.__setattr__, which would record the
+        # wrapper's class in the pipeline config (save_pretrained must still name the model).
+        object.__setattr__(pipe, name, fast)
     return pipe
 
 
+def wrapped(pipe: Any) -> list[Any]:
+    """The pipeline's transformed transformers (ForaModules), in transformer_names order."""
+    found = [getattr(pipe, n, None) for n in transformer_names(pipe)]
+    return [f for f in found if getattr(f, "_fora_model", None) is not None]
+
+
 def restore_pipeline(pipe: Any) -> Any:
-    fast = getattr(pipe, "transformer", None)
-    original = getattr(fast, "_fora_model", None)
-    if fast is None or original is None:
+    fasts = wrapped(pipe)
+    if not fasts:
         raise TypeError(f"fora_fx.restore: {type(pipe).__name__} was not transformed")
-    fast._fora_runtime.release()
-    object.__setattr__(pipe, "transformer", original)
+    for name in transformer_names(pipe):
+        fast = getattr(pipe, name)
+        if getattr(fast, "_fora_model", None) is not None:
+            fast._fora_runtime.release()
+            object.__setattr__(pipe, name, fast._fora_model)
     return pipe

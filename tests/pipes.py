@@ -367,9 +367,11 @@ def build_flux_true_cfg() -> PipeCase:
 # --------------------------------------------------------------------------- Wan (video)
 
 
-def build_wan() -> PipeCase:
+def build_wan(experts: int = 1) -> PipeCase:
     """Wan 2.1 text-to-video: cond and uncond are separate transformer calls per step, in
-    transformer.cache_context("cond") / ("uncond"), with Wan's UniPC flow-matching scheduler."""
+    transformer.cache_context("cond") / ("uncond"), with Wan's UniPC flow-matching scheduler.
+    experts=2: Wan 2.2 A14B, `transformer` for the high-noise steps and `transformer_2` for
+    the rest (boundary_ratio 0.8: timesteps 999-833 and 750-301, 4 steps each of 8)."""
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,
@@ -390,8 +392,13 @@ def build_wan() -> PipeCase:
                            attn_scales=[], temperal_downsample=[], scale_factor_spatial=2)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
+    second = None
+    if experts == 2:
+        torch.manual_seed(1)
+        second = _finish(WanTransformer3DModel(**transformer.config))
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=scheduler,
-                       transformer=_finish(transformer))
+                       transformer=_finish(transformer), transformer_2=second,
+                       boundary_ratio=0.8 if experts == 2 else None)
 
     def call(seed: int) -> dict:
         g = _gen(seed + 1)
@@ -405,7 +412,12 @@ def build_wan() -> PipeCase:
         }
 
     sites = [f"blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ffn")]
-    return PipeCase("wan", _finish_pipe(pipe), call, sites, calls_per_step=2)
+    name = "wan" if experts == 1 else "wan22"
+    return PipeCase(name, _finish_pipe(pipe), call, sites, calls_per_step=2)
+
+
+def build_wan22() -> PipeCase:
+    return build_wan(experts=2)
 
 
 # --------------------------------------------------------------------------- registry

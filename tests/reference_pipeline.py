@@ -18,10 +18,11 @@ from reference import _clone, refresh_schedule
 
 
 class PipelineEagerFora:
-    def __init__(self, pipe, site_paths: list[str], interval: int, warmup_steps: int = 1):
+    def __init__(self, pipe, site_paths: list[str], interval: int, warmup_steps: int = 1,
+                 component: str = "transformer"):
         self.pipe = pipe
         self.interval, self.warmup_steps = interval, warmup_steps
-        self.model = pipe.transformer
+        self.model = getattr(pipe, component)  # Wan 2.2's second expert: "transformer_2"
         self.cache: dict[tuple[str, str], object] = {}
         self.log: list[tuple[str, int, bool]] = []  # (branch, step, refreshed) per call
         self._branch, self._refresh = "default", True

@@ -4,7 +4,7 @@ consecutive calls with different seeds and prompts."""
 
 from __future__ import annotations
 
-from pipes import PIPES, make_pipe, output_tensor
+from pipes import PIPES, build_wan22, make_pipe, output_tensor
 
 import pytest
 import torch
@@ -79,3 +79,32 @@ def test_skip_layer_guidance_call_gets_its_own_branch():
     # The skip-layer call has half the batch: its own graph, its own buffers.
     assert len(runtime.pairs) == 2
     fora_fx.restore(pipe)
+
+
+def test_wan22_experts_are_both_cached_each_from_its_first_step():
+    # Wan 2.2 A14B: transformer runs the high-noise steps 0-3, transformer_2 steps 4-7. Each
+    # is transformed, with its own caches; the second's first call (step 4) recomputes.
+    case = build_wan22()  # not in PIPES: the reference there caches `transformer` only
+    plain = _run(case.pipe, case, seeds=SEEDS[:1])
+    refs = [PipelineEagerFora(case.pipe, case.sites, interval=3, component=c)
+            for c in ("transformer", "transformer_2")]
+    expected = _run(refs[0], case, seeds=SEEDS[:2])
+    logs = [list(r.log) for r in refs]
+    for r in refs:
+        r.remove()
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
+    assert type(pipe.transformer_2).__name__ == "ForaModule"
+    got = _run(pipe, case, seeds=SEEDS[:2])
+    histories = [pipe.transformer._fora_runtime.stats.history,
+                 pipe.transformer_2._fora_runtime.stats.history]
+    assert len(fora_fx.explain(pipe).sites) == len(case.sites)  # the same paths in both
+    fora_fx.restore(pipe)
+    assert type(case.pipe.transformer_2).__name__ == "WanTransformer3DModel"
+    for k, (e, g) in enumerate(zip(expected, got, strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"pipeline call {k}")
+    for log, history in zip(logs, histories, strict=True):
+        assert history == [refreshed for _, _, refreshed in log]
+    # per call and branch: steps 0-3 refresh at 0 and 3; steps 4-7 at 4 (first), 6 and 7
+    assert [r for b, _, r in logs[0] if b == "cond"] == [True, False, False, True] * 2
+    assert [r for b, _, r in logs[1] if b == "cond"] == [True, False, True, True] * 2
+    assert not torch.allclose(got[0], plain[0])
