@@ -30,8 +30,8 @@ _CHAINED = ("to", "cpu", "cuda", "float", "half", "bfloat16", "double", "type", 
 class ForaModule(torch.nn.Module):
     """A model whose forward runs FORA-rewritten graphs. Made by `fora_fx.transform`.
 
-    Attribute access (`.config`, `.dtype`, `.device`, submodules) reaches the wrapped model;
-    `state_dict()` is the model's own. The forward runs under torch.no_grad(): FORA is an
+    Attribute access (`.config`, `.dtype`, `.device`, submodules) reaches the wrapped model,
+    and so do attribute writes; `state_dict()` is the model's own. The forward runs under torch.no_grad(): FORA is an
     inference method and its caches carry no autograd history.
     """
 
@@ -129,6 +129,24 @@ class ForaModule(torch.nn.Module):
             if model is None:
                 raise
             return getattr(model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Writes reach the wrapped model, as reads do (`fast.some_flag = True` must change
+        # what the model does, not a copy on the wrapper the model never sees). The wrapper's
+        # own state lives in __dict__ under _fora_* and nn.Module's bookkeeping, set before
+        # the model is attached.
+        model = self.__dict__.get("_fora_model")
+        if model is None or name.startswith("_"):
+            super().__setattr__(name, value)
+        else:
+            setattr(model, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        model = self.__dict__.get("_fora_model")
+        if model is None or name.startswith("_"):
+            super().__delattr__(name)
+        else:
+            delattr(model, name)
 
     def __repr__(self) -> str:
         c = self._fora_config

@@ -26,6 +26,11 @@ def test_attributes_and_state_pass_through(dit):
     assert [id(p) for p in fast.parameters()] == [id(p) for p in case.model.parameters()]
     assert fast.eval() is fast and not case.model.training
     fast.load_state_dict(case.model.state_dict())
+    # Writes reach the model too: a flag set on the wrapper is the model's
+    fast.fora_test_flag = 3
+    assert case.model.fora_test_flag == 3 and "fora_test_flag" not in vars(fast)
+    del fast.fora_test_flag
+    assert not hasattr(case.model, "fora_test_flag")
 
 
 def test_explain_lists_sites_bytes_and_graphs(dit):
