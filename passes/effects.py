@@ -109,9 +109,12 @@ def mutated_arg(node: Node) -> Node | None:
     """The tensor `node` writes in place, if it is an in-place write Dynamo records as such.
 
     `t[idx] = v` (operator.setitem), `t += v`, in-place tensor methods (`t.add_(v)`),
-    `torch.relu_(t)` style functions and functionals called with `inplace=True`.
+    `torch.relu_(t)` style functions, functionals called with `inplace=True` and `out=t`.
     """
     first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    out = node.kwargs.get("out")
+    if isinstance(out, Node):  # torch.add(a, b, out=t)
+        return out
     if node.op == "call_function":
         if node.target is operator.setitem or node.target in _INPLACE_OPERATORS:
             return first
