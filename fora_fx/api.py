@@ -31,8 +31,8 @@ class ForaModule(torch.nn.Module):
     """A model whose forward runs FORA-rewritten graphs. Made by `fora_fx.transform`.
 
     Attribute access (`.config`, `.dtype`, `.device`, submodules) reaches the wrapped model,
-    and so do attribute writes; `state_dict()` is the model's own. The forward runs under torch.no_grad(): FORA is an
-    inference method and its caches carry no autograd history.
+    and so do attribute writes; `state_dict()` is the model's own. The forward runs under
+    torch.no_grad(): FORA is an inference method and its caches carry no autograd history.
     """
 
     def __init__(

@@ -12,9 +12,7 @@ A site is the region of one module call (nodes sharing an nn_module_stack key) t
 The module boundary is FORA's cache point: in DiT-style blocks the gate multiply and the
 residual add sit outside the attention / MLP module (DESIGN.md section 3).
 
-A candidate is refused (with a reason) when caching it would not be FORA: its output can be
-reached from its inputs without passing the core (a residual added inside the module), the
-region is not convex, it has side effects, or its shapes are symbolic.
+A candidate is refused (with a reason) when caching it would not be FORA: passes/regions.py.
 """
 
 from __future__ import annotations
@@ -23,10 +21,8 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-import torch
 from torch.fx import GraphModule, Node
 
-from .effects import aliases_of, data_inputs, fresh_base, is_local_assert, mutated_arg
 from .patterns import (
     attention_qk,
     is_attention_core,
@@ -37,6 +33,7 @@ from .patterns import (
     mlp_first_linear,
     parallel_chain,
 )
+from .regions import check_region
 from .sites import LocateResult, Refusal, Site
 
 
@@ -123,73 +120,6 @@ def _region_sources(node: Node, region: set[Node]) -> set[Node]:
     return found
 
 
-def _check_region(g: _Graph, region: set[Node], cores: set[Node]) -> tuple[list[Node], str | None]:
-    """Returns the region's outputs, or a reason why it cannot be cached."""
-    outputs = sorted(
-        (n for n in region if any(u not in region for u in n.users)), key=g.order.__getitem__
-    )
-    if not outputs:
-        return outputs, "the region has no output used outside it"
-    # In-place writes are allowed only into memory the region allocated itself (Wan's
-    # rotary embedding fills an empty_like buffer); they are dropped with the region.
-    writes: dict[Node, Node] = {}
-    for n in sorted(region, key=g.order.__getitem__):
-        target = mutated_arg(n)
-        if target is not None:
-            base = fresh_base(target)
-            if base is None or base not in region:
-                return outputs, f"node {n.name} writes {target.name} in place"
-            writes[n] = base
-            # The refresh graph stores an output right where it is computed; a later write
-            # into it would be missed.
-            written = aliases_of(base, region) & set(outputs)
-            if written:
-                first = min(written, key=g.order.__getitem__)
-                return outputs, f"output {first.name} is written in place by {n.name}"
-        elif n.is_impure() and not is_local_assert(n, region):
-            return outputs, f"node {n.name} has side effects"
-    for n in outputs:
-        val = n.meta.get("example_value")
-        if not isinstance(val, torch.Tensor):
-            return outputs, f"output {n.name} is not a single tensor"
-        if not all(isinstance(s, int) for s in val.shape):
-            return outputs, (
-                f"output {n.name} has a symbolic shape {tuple(val.shape)}; "
-                "compile with dynamic=False"
-            )
-    # Bypass: an output reachable from a region input without passing a core means the
-    # module adds its input back in (residual inside the module); caching it would freeze
-    # the residual stream on reuse steps.
-    # Only value dependencies count (out.type_as(query) reads query's dtype, not its
-    # values); an in-place write taints the buffer it writes and every view of it.
-    bypass: set[Node] = set()
-    for n in sorted(region, key=g.order.__getitem__):
-        if n in cores:
-            continue
-        if any((a not in region and not is_parameter(a)) or a in bypass for a in data_inputs(n)):
-            bypass.add(n)
-            if n in writes:
-                bypass |= aliases_of(writes[n], region)
-    leaked = [n.name for n in outputs if n in bypass]
-    if leaked:
-        return outputs, (
-            f"output {leaked[0]} depends on the module input outside the attention/MLP core "
-            "(a residual added inside the module?)"
-        )
-    # Convexity: nothing outside the region may sit between two region nodes.
-    first = min(g.order[n] for n in region)
-    last = max(g.order[n] for n in region)
-    after: set[Node] = set()
-    for n in g.nodes[first : last + 1]:
-        if n in region:
-            continue
-        if any(a in region or a in after for a in n.all_input_nodes):
-            after.add(n)
-            if any(u in region for u in n.users):
-                return outputs, f"node {n.name} outside the region both reads and feeds it"
-    return outputs, None
-
-
 def _site_meta(outputs: list[Node]) -> tuple[tuple, tuple, int]:
     shapes, dtypes, nbytes = [], [], 0
     for n in outputs:
@@ -259,7 +189,7 @@ def locate(
             continue
         if kind != "mlp":  # every token product of an attention is part of its core
             cores = cores | {n for n in region if is_token_product(n)}
-        outputs, reason = _check_region(g, region, cores)
+        outputs, reason = check_region(g.nodes, g.order, region, cores)
         if reason is not None:
             result.refused.append(Refusal(g.path(key), kind, reason))
             continue

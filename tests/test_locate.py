@@ -138,6 +138,40 @@ def test_attention_with_inner_residual_is_refused_with_reason():
     assert [s.module_path for s in locate(ok).sites] == ["attn"]
 
 
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class HeadModel(nn.Module):
+    """A residual attention, then an MLP head that *is* the output: caching the head would
+    freeze the model's output on reuse steps."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn, self.mlp, self.head = Attention(16, heads=2, dim_head=8), _Mlp(), _Mlp()
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x)
+
+
+def test_a_model_head_is_not_cached():
+    gm, _ = capture(HeadModel(), torch.randn(2, 5, 16))
+    result = locate(gm)
+    assert [s.module_path for s in result.sites] == ["attn", "mlp"]
+    (refusal,) = result.refused
+    assert refusal.module_path == "head"
+    assert "not added to a residual stream" in refusal.reason
+
+
 class NoAttention(nn.Module):
     def __init__(self):
         super().__init__()

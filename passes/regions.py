@@ -1,0 +1,119 @@
+"""Whether a candidate region may be cached, and if not, why (the reason `explain` shows).
+
+Caching a region is FORA only when its outputs are a residual branch computed from its
+inputs by the attention / MLP core, and nothing else is lost by skipping it:
+  * no output is reachable from a region input without passing a core (a residual added
+    inside the module, which caching would freeze); only value dependencies count
+    (passes/effects.py);
+  * it writes in place only into memory it allocated, and has no other side effects;
+  * its outputs have static shapes;
+  * it is convex: nothing outside it sits between two of its nodes;
+  * some output is added to something it does not produce: a residual branch. A cached
+    model head (Linear -> act -> Linear after the last block) would freeze the output itself.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Node
+
+from .effects import aliases_of, data_inputs, fresh_base, is_local_assert, mutated_arg
+from .patterns import is_parameter
+
+
+def check_region(
+    nodes: list[Node], order: dict[Node, int], region: set[Node], cores: set[Node]
+) -> tuple[list[Node], str | None]:
+    """Returns the region's outputs, or a reason why it cannot be cached."""
+    outputs = sorted(
+        (n for n in region if any(u not in region for u in n.users)), key=order.__getitem__
+    )
+    if not outputs:
+        return outputs, "the region has no output used outside it"
+    # In-place writes are allowed only into memory the region allocated itself (Wan's
+    # rotary embedding fills an empty_like buffer); they are dropped with the region.
+    writes: dict[Node, Node] = {}
+    for n in sorted(region, key=order.__getitem__):
+        target = mutated_arg(n)
+        if target is not None:
+            base = fresh_base(target)
+            if base is None or base not in region:
+                return outputs, f"node {n.name} writes {target.name} in place"
+            writes[n] = base
+            # The refresh graph stores an output right where it is computed; a later write
+            # into it would be missed.
+            written = aliases_of(base, region) & set(outputs)
+            if written:
+                first = min(written, key=order.__getitem__)
+                return outputs, f"output {first.name} is written in place by {n.name}"
+        elif n.is_impure() and not is_local_assert(n, region):
+            return outputs, f"node {n.name} has side effects"
+    for n in outputs:
+        val = n.meta.get("example_value")
+        if not isinstance(val, torch.Tensor):
+            return outputs, f"output {n.name} is not a single tensor"
+        if not all(isinstance(s, int) for s in val.shape):
+            return outputs, (
+                f"output {n.name} has a symbolic shape {tuple(val.shape)}; "
+                "compile with dynamic=False"
+            )
+    # Bypass: an output reachable from a region input without passing a core means the
+    # module adds its input back in (residual inside the module); caching it would freeze
+    # the residual stream on reuse steps.
+    # Only value dependencies count (out.type_as(query) reads query's dtype, not its
+    # values); an in-place write taints the buffer it writes and every view of it.
+    bypass: set[Node] = set()
+    for n in sorted(region, key=order.__getitem__):
+        if n in cores:
+            continue
+        if any((a not in region and not is_parameter(a)) or a in bypass for a in data_inputs(n)):
+            bypass.add(n)
+            if n in writes:
+                bypass |= aliases_of(writes[n], region)
+    leaked = [n.name for n in outputs if n in bypass]
+    if leaked:
+        return outputs, (
+            f"output {leaked[0]} depends on the module input outside the attention/MLP core "
+            "(a residual added inside the module?)"
+        )
+    if not feeds_residual(outputs, region):
+        return outputs, (
+            f"output {outputs[0].name} is not added to a residual stream (a model head?): "
+            "caching it would freeze what it computes"
+        )
+    # Convexity: nothing outside the region may sit between two region nodes.
+    first = min(order[n] for n in region)
+    last = max(order[n] for n in region)
+    after: set[Node] = set()
+    for n in nodes[first : last + 1]:
+        if n in region:
+            continue
+        if any(a in region or a in after for a in n.all_input_nodes):
+            after.add(n)
+            if any(u in region for u in n.users):
+                return outputs, f"node {n.name} outside the region both reads and feeds it"
+    return outputs, None
+
+
+_ADDS = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, torch.addcmul,
+         "add", "sub", "add_", "addcmul"}
+
+
+def feeds_residual(outputs: list[Node], region: set[Node], reach: int = 32) -> bool:
+    """Whether some output, within `reach` nodes downstream, is added to (or subtracted from)
+    a tensor it does not produce: the residual stream a cached branch joins."""
+    for out in outputs:
+        seen, todo = {out}, [out]
+        while todo and len(seen) < reach:
+            n = todo.pop(0)
+            for u in n.users:
+                if u in region or u in seen:
+                    continue
+                seen.add(u)
+                todo.append(u)
+                if u.op in ("call_function", "call_method") and u.target in _ADDS:
+                    if any(a not in seen for a in u.all_input_nodes):
+                        return True
+    return False
