@@ -54,6 +54,36 @@ def text_mask():
     return m
 
 
+def inputs(mask: bool = False, **extra):
+    """The usual call: video latents, prompt tokens, one timestep per sample (+ a text mask);
+    `extra` values that are callables get the call's generator."""
+
+    def kw(t, seed):
+        gen = g(seed)
+        out = dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
+                   timestep=tstep(t))
+        if mask:
+            out["encoder_attention_mask"] = text_mask()
+        out.update({k: v(gen) if callable(v) else v for k, v in extra.items()})
+        return out
+
+    return kw
+
+
+# Wan 2.1 and the models built on its blocks (SkyReels-V2, ChronoEdit, Helios, Wan VACE)
+WAN_LIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD,
+                in_channels=C, out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64,
+                num_layers=2, rope_max_seq_len=32)
+
+COSMOS = dict(in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=HD,
+              num_layers=2, mlp_ratio=2.0, text_embed_dim=24, adaln_lora_dim=8,
+              max_size=(F, S, S), patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0),
+              extra_pos_embed_type="learnable", encoder_hidden_states_channels=24)
+KANDINSKY6 = dict(in_visual_dim=C, out_visual_dim=C, in_text_dim=24, in_text_dim2=20,
+                  time_dim=16, patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
+                  num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False, in_audio_dim=4,
+                  out_audio_dim=4)
+
 CASES = {}
 
 
@@ -65,23 +95,14 @@ def case(fn):
 @case
 def skyreels_v2():
     torch.manual_seed(0)
-    m = diffusers.SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD, in_channels=C,
-        out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t))
-    return m, kw
+    m = diffusers.SkyReelsV2Transformer3DModel(**WAN_LIKE)
+    return m, inputs()
 
 
 @case
 def skyreels_v2_df():  # diffusion forcing: per-frame timesteps
     torch.manual_seed(0)
-    m = diffusers.SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD, in_channels=C,
-        out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+    m = diffusers.SkyReelsV2Transformer3DModel(**WAN_LIKE)
 
     def kw(t, seed):
         gen = g(seed)
@@ -97,12 +118,7 @@ def allegro():
         patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=HD, in_channels=C,
         out_channels=C, num_layers=2, cross_attention_dim=32, sample_height=S, sample_width=S,
         sample_frames=F, caption_channels=24)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t), encoder_attention_mask=text_mask())
-    return m, kw
+    return m, inputs(mask=True)
 
 
 @case
@@ -112,23 +128,14 @@ def latte():
         num_attention_heads=2, attention_head_dim=HD, in_channels=C, out_channels=2 * C,
         num_layers=2, cross_attention_dim=32, sample_size=S, patch_size=2,
         norm_type="ada_norm_single", caption_channels=24, video_length=F, num_embeds_ada_norm=1000)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t))  # the Latte pipeline passes no text mask
-    return m, kw
+    return m, inputs()  # the Latte pipeline passes no text mask
 
 
 @case
 def cosmos():
     torch.manual_seed(0)
-    m = diffusers.CosmosTransformer3DModel(
-        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=HD, num_layers=2,
-        mlp_ratio=2.0, text_embed_dim=24, adaln_lora_dim=8, max_size=(F, S, S),
-        # concat_padding_mask=True needs torchvision: cosmos_padmask stands in for it
-        patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=False,
-        extra_pos_embed_type="learnable", encoder_hidden_states_channels=24)
+    # concat_padding_mask=True needs torchvision: cosmos_padmask stands in for it
+    m = diffusers.CosmosTransformer3DModel(**COSMOS, concat_padding_mask=False)
 
     def kw(t, seed):
         gen = g(seed)
@@ -144,42 +151,24 @@ def mochi():
         patch_size=2, num_attention_heads=2, attention_head_dim=HD, num_layers=2,
         pooled_projection_dim=16, in_channels=C, text_embed_dim=24, time_embed_dim=8,
         max_sequence_length=L)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t), encoder_attention_mask=text_mask())
-    return m, kw
+    return m, inputs(mask=True)
 
 
 @case
 def wan_vace():
     torch.manual_seed(0)
     m = diffusers.WanVACETransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD, in_channels=C,
-        out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+        **WAN_LIKE,
         vace_layers=[0, 1], vace_in_channels=8)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t), control_hidden_states=rn(gen, B, 8, F, S, S),
-                    control_hidden_states_scale=torch.ones(2))
-    return m, kw
+    return m, inputs(control_hidden_states=lambda gen: rn(gen, B, 8, F, S, S),
+                     control_hidden_states_scale=torch.ones(2))
 
 
 @case
 def chronoedit():
     torch.manual_seed(0)
-    m = diffusers.ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD, in_channels=C,
-        out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t))
-    return m, kw
+    m = diffusers.ChronoEditTransformer3DModel(**WAN_LIKE)
+    return m, inputs()
 
 
 @case
@@ -226,12 +215,7 @@ def sana_video():
         num_cross_attention_heads=2, cross_attention_head_dim=HD, cross_attention_dim=32,
         caption_channels=24, mlp_ratio=2.0, sample_size=S, patch_size=(1, 2, 2),
         rope_max_seq_len=32)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t), encoder_attention_mask=text_mask())
-    return m, kw
+    return m, inputs(mask=True)
 
 
 @case
@@ -260,12 +244,7 @@ def easyanimate():
         num_attention_heads=2, attention_head_dim=HD, in_channels=C, out_channels=C, patch_size=2,
         sample_width=S, sample_height=S, num_layers=2, mmdit_layers=2, time_embed_dim=16,
         text_embed_dim=24)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t))
-    return m, kw
+    return m, inputs()
 
 
 @case
@@ -290,12 +269,7 @@ def helios():
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD, in_channels=C,
         out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6),
         has_multi_term_memory_patch=False)
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t))
-    return m, kw
+    return m, inputs()
 
 
 @case
@@ -305,12 +279,7 @@ def motif_video():
         in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=HD, num_layers=1,
         num_single_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=24,
         rope_axes_dim=(4, 6, 6))
-
-    def kw(t, seed):
-        gen = g(seed)
-        return dict(hidden_states=rn(gen, B, C, F, S, S), encoder_hidden_states=rn(gen, B, L, 24),
-                    timestep=tstep(t), encoder_attention_mask=text_mask())
-    return m, kw
+    return m, inputs(mask=True)
 
 
 @case
@@ -325,11 +294,7 @@ def cosmos_padmask():  # concat_padding_mask=True with a stand-in for torchvisio
         functional=types.SimpleNamespace(resize=resize),
         InterpolationMode=types.SimpleNamespace(NEAREST="nearest"))
     torch.manual_seed(0)
-    m = diffusers.CosmosTransformer3DModel(
-        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=HD, num_layers=2,
-        mlp_ratio=2.0, text_embed_dim=24, adaln_lora_dim=8, max_size=(F, S, S),
-        patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=True,
-        extra_pos_embed_type="learnable", encoder_hidden_states_channels=24)
+    m = diffusers.CosmosTransformer3DModel(**COSMOS, concat_padding_mask=True)
 
     def kw(t, seed):
         gen = g(seed)
@@ -341,10 +306,7 @@ def cosmos_padmask():  # concat_padding_mask=True with a stand-in for torchvisio
 @case
 def kandinsky6():
     torch.manual_seed(0)
-    m = diffusers.Kandinsky6Transformer3DModel(
-        in_visual_dim=C, out_visual_dim=C, in_text_dim=24, in_text_dim2=20, time_dim=16,
-        patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
-        axes_dims=(4, 6, 6), visual_cond=False, in_audio_dim=4, out_audio_dim=4)
+    m = diffusers.Kandinsky6Transformer3DModel(**KANDINSKY6)
 
     def kw(t, seed):
         gen = g(seed)
@@ -356,10 +318,7 @@ def kandinsky6():
 @case
 def kandinsky6_audio():
     torch.manual_seed(0)
-    m = diffusers.Kandinsky6Transformer3DModel(
-        in_visual_dim=C, out_visual_dim=C, in_text_dim=24, in_text_dim2=20, time_dim=16,
-        patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
-        axes_dims=(4, 6, 6), visual_cond=False, in_audio_dim=4, out_audio_dim=4)
+    m = diffusers.Kandinsky6Transformer3DModel(**KANDINSKY6)
 
     def kw(t, seed):
         gen = g(seed)
@@ -397,9 +356,7 @@ def framepack():
 @case
 def anyflow():
     torch.manual_seed(0)
-    m = diffusers.AnyFlowTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HD, in_channels=C,
-        out_channels=C, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+    m = diffusers.AnyFlowTransformer3DModel(**WAN_LIKE)
 
     def kw(t, seed):
         gen = g(seed)
