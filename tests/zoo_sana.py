@@ -39,8 +39,8 @@ def build_sana(batch: int):
 
 def build_sana_video(batch: int):
     from diffusers import SanaVideoTransformer3DModel
-    from zoo import LATENT_CH, SAMPLE, TEXT_LEN, Case, _finish, _gen, _randn, _timesteps
-    from zoo_video import FRAMES, _text_mask
+    from zoo import LATENT_CH, SAMPLE, Case, _finish
+    from zoo_video import video_inputs
 
     caption_dim = 24
     torch.manual_seed(0)
@@ -51,18 +51,8 @@ def build_sana_video(batch: int):
         mlp_ratio=2.0, sample_size=SAMPLE, patch_size=(1, 2, 2), rope_max_seq_len=32,
     )
     model = _finish(model)
-
-    def inputs(step: int, seed: int) -> tuple[tuple, dict]:
-        g = _gen(seed)
-        return (), {
-            "hidden_states": _randn(g, batch, LATENT_CH, FRAMES, SAMPLE, SAMPLE),
-            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, caption_dim),
-            "encoder_attention_mask": _text_mask(batch),
-            "timestep": _timesteps(step, batch),
-        }
-
     sites = [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")]
-    return Case("sana_video", model, inputs, sites)
+    return Case("sana_video", model, video_inputs(batch, caption_dim, mask=True), sites)
 
 
 __all__ = ["build_sana", "build_sana_video"]

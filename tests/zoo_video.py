@@ -20,10 +20,31 @@ def _text_mask(batch: int) -> torch.Tensor:
     return mask
 
 
+def video_inputs(batch: int, text_dim: int, mask: bool = False, **extra):
+    """inputs(step, seed) for the usual call: [B, C, frames, H, W] latents, prompt tokens,
+    one timestep per sample, the text mask if `mask`; `extra` values that are callables get
+    the call's generator."""
+    from zoo import LATENT_CH, SAMPLE, TEXT_LEN, _gen, _randn, _timesteps
+
+    def inputs(step: int, seed: int) -> tuple[tuple, dict]:
+        g = _gen(seed)
+        kwargs = {
+            "hidden_states": _randn(g, batch, LATENT_CH, FRAMES, SAMPLE, SAMPLE),
+            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, text_dim),
+            "timestep": _timesteps(step, batch),
+        }
+        if mask:
+            kwargs["encoder_attention_mask"] = _text_mask(batch)
+        kwargs.update({k: v(g) if callable(v) else v for k, v in extra.items()})
+        return (), kwargs
+
+    return inputs
+
+
 def build_wan(batch: int):
     """Wan 2.1 (self-attention with an empty_like rotary embedding, cross-attention, FFN)."""
     from diffusers import WanTransformer3DModel
-    from zoo import LATENT_CH, SAMPLE, TEXT_LEN, Case, _finish, _gen, _randn, _timesteps
+    from zoo import LATENT_CH, Case, _finish
 
     text_dim = 24
     torch.manual_seed(0)
@@ -33,17 +54,8 @@ def build_wan(batch: int):
         ffn_dim=64, num_layers=2, rope_max_seq_len=32,
     )
     model = _finish(model)
-
-    def inputs(step: int, seed: int) -> tuple[tuple, dict]:
-        g = _gen(seed)
-        return (), {
-            "hidden_states": _randn(g, batch, LATENT_CH, FRAMES, SAMPLE, SAMPLE),
-            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, text_dim),
-            "timestep": _timesteps(step, batch),
-        }
-
     sites = [f"blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ffn")]
-    return Case("wan", model, inputs, sites)
+    return Case("wan", model, video_inputs(batch, text_dim), sites)
 
 
 def build_cogvideox(batch: int):
@@ -109,7 +121,7 @@ def build_hunyuan_video(batch: int):
     """HunyuanVideo: a token-refiner block on the text, one dual-stream block (joint
     attention, two FFNs) and one single-stream parallel block, as in Flux."""
     from diffusers import HunyuanVideoTransformer3DModel
-    from zoo import LATENT_CH, SAMPLE, TEXT_LEN, Case, _finish, _gen, _randn, _timesteps
+    from zoo import LATENT_CH, Case, _finish, _randn
 
     text_dim, pooled_dim = 24, 8
     torch.manual_seed(0)
@@ -120,17 +132,9 @@ def build_hunyuan_video(batch: int):
         rope_axes_dim=(4, 6, 6),  # sums to attention_head_dim
     )
     model = _finish(model)
-
-    def inputs(step: int, seed: int) -> tuple[tuple, dict]:
-        g = _gen(seed)
-        return (), {
-            "hidden_states": _randn(g, batch, LATENT_CH, FRAMES, SAMPLE, SAMPLE),
-            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, text_dim),
-            "encoder_attention_mask": _text_mask(batch),
-            "pooled_projections": _randn(g, batch, pooled_dim),
-            "guidance": torch.full((batch,), 6000.0),  # the pipeline passes 1000 x scale
-            "timestep": _timesteps(step, batch),
-        }
+    inputs = video_inputs(batch, text_dim, mask=True,
+                          pooled_projections=lambda g: _randn(g, batch, pooled_dim),
+                          guidance=torch.full((batch,), 6000.0))  # the pipeline: 1000 x scale
 
     refiner = "context_embedder.token_refiner.refiner_blocks.0"
     sites = [
@@ -148,7 +152,7 @@ def build_mochi(batch: int):
     data-dependent size, with Dynamo's runtime checks on it) and pads back; an attention
     pooling of the prompt in the time embedding; the last block is context-pre-only."""
     from diffusers import MochiTransformer3DModel
-    from zoo import LATENT_CH, SAMPLE, TEXT_LEN, Case, _finish, _gen, _randn, _timesteps
+    from zoo import LATENT_CH, TEXT_LEN, Case, _finish
 
     text_dim = 24
     torch.manual_seed(0)
@@ -158,23 +162,13 @@ def build_mochi(batch: int):
         time_embed_dim=8, max_sequence_length=TEXT_LEN,
     )
     model = _finish(model)
-
-    def inputs(step: int, seed: int) -> tuple[tuple, dict]:
-        g = _gen(seed)
-        return (), {
-            "hidden_states": _randn(g, batch, LATENT_CH, FRAMES, SAMPLE, SAMPLE),
-            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, text_dim),
-            "encoder_attention_mask": _text_mask(batch),
-            "timestep": _timesteps(step, batch),
-        }
-
     sites = [
         "time_embed.pooler",  # attention pooling of the prompt (see docs/sharp-edges.md)
         "transformer_blocks.0.attn1",  # returns (video_out, text_out)
         "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
         "transformer_blocks.1.attn1", "transformer_blocks.1.ff",  # text_out is None here
     ]
-    return Case("mochi", model, inputs, sites)
+    return Case("mochi", model, video_inputs(batch, text_dim, mask=True), sites)
 
 
 __all__ = ["build_cogvideox", "build_hunyuan_video", "build_ltx", "build_mochi", "build_wan"]
