@@ -1,6 +1,6 @@
 """Tiny random-weight diffusers *pipelines* for end-to-end FORA tests on CPU.
 
-Each case builds a real diffusers pipeline (DiT, PixArt-alpha/sigma, SD3, Flux, Wan) around a
+Each case builds a real diffusers pipeline (DiT, PixArt-alpha/sigma, SD3, Flux, Sana, Wan) around a
 1-2 block transformer with hidden size 32, an 8x8 latent and a one-level AutoencoderKL
 (vae_scale_factor 1), so an 8-step pipeline call takes a few tens of milliseconds.  There are
 no tokenizers or text encoders: prompt embeddings are random tensors drawn from the seed.
@@ -364,6 +364,46 @@ def build_flux_true_cfg() -> PipeCase:
     return _build_flux("flux_true_cfg", true_cfg=True)
 
 
+# --------------------------------------------------------------------------- Sana
+
+
+def build_sana() -> PipeCase:
+    """Sana: ReLU linear attention, conv-GLU FFN; DPM-Solver with flow sigmas, batched CFG.
+    No VAE (latent output): the pipeline then assumes a scale factor of 32."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    caption_dim = 24
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        in_channels=LATENT_CH, out_channels=LATENT_CH, num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM, num_layers=2, num_cross_attention_heads=HEADS,
+        cross_attention_head_dim=HEAD_DIM, cross_attention_dim=HEADS * HEAD_DIM,
+        caption_channels=caption_dim, mlp_ratio=2.0, sample_size=SAMPLE, patch_size=2,
+    )
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None,
+                        transformer=_finish(transformer), scheduler=scheduler)
+
+    def call(seed: int) -> dict:
+        g = _gen(seed + 1)
+        mask = torch.ones(BATCH, TEXT_LEN)
+        return {
+            "prompt_embeds": _randn(g, BATCH, TEXT_LEN, caption_dim),
+            "prompt_attention_mask": mask,
+            "negative_prompt": None,
+            "negative_prompt_embeds": _randn(g, BATCH, TEXT_LEN, caption_dim),
+            "negative_prompt_attention_mask": mask,
+            "height": 32 * SAMPLE, "width": 32 * SAMPLE, "use_resolution_binning": False,
+            "generator": _gen(seed),
+            "num_inference_steps": STEPS,
+            "output_type": "latent",
+        }
+
+    sites = [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")]
+    return PipeCase("sana", _finish_pipe(pipe), call, sites, calls_per_step=1)
+
+
 # --------------------------------------------------------------------------- Wan (video)
 
 
@@ -434,6 +474,7 @@ PIPES: dict[str, Callable[[], PipeCase]] = {
     "flux": build_flux,
     "flux_true_cfg": build_flux_true_cfg,
     "wan": build_wan,
+    "sana": build_sana,
 }
 
 
