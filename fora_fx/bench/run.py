@@ -95,13 +95,18 @@ def run(setup: Setup, log: Callable[[str], None] = print,
     if out is not None and eager_out is not None:
         rows[-1].max_dev_vs_eager = float((out.float() - eager_out.float()).abs().max())
     del compiled
-    for n in setup.intervals if setup.peers else ():
+    for n in setup.intervals:
         hook_model = fresh()
         fora = HookFora(hook_model, sites, n)
-        ref = record(Row("hook-fora (official)", n),
-                     sampler(hook_model, before=fora.start_generation))
+        if setup.peers:
+            ref = record(Row("hook-fora (official)", n),
+                         sampler(hook_model, before=fora.start_generation))
+        else:  # not a row, but still the reference every fora_fx row is checked against
+            with torch.no_grad():
+                ref = sampler(hook_model, before=fora.start_generation)()
         if ref is not None:
             refs[n] = ref
+        del hook_model, fora
     variants = [("fora_fx", n, ForaConfig(interval=n, mode=mode)) for n in setup.intervals]
     if setup.ablation and 3 in setup.intervals:  # what the batch pass + fusion limit buy
         variants.append(("fora_fx -batch -limit", 3, ForaConfig(
