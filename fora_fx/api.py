@@ -101,6 +101,14 @@ class ForaModule(torch.nn.Module):
     def _guarded(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:
             return self._fora_compiled(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as e:  # fullgraph=True: Dynamo hit a break
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(
+                f"fora_fx needs the whole forward of {type(self._fora_model).__name__} as one "
+                f"graph, and Dynamo cannot capture it in one (a graph break: {first}). The "
+                "Dynamo error below names the line; that code must change (e.g. no Python "
+                "branch on a tensor's value) before FORA can cache this model."
+            ) from e
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             # Dynamo keeps one cache per code object: every model of this class (and every
             # input shape) compiled in this process counts toward recompile_limit (8),

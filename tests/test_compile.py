@@ -87,6 +87,13 @@ def test_graph_break_is_a_clear_error():
         compiled(*toy.inputs(1))
 
 
+def test_graph_break_under_transform_names_the_model_and_keeps_dynamos_error():
+    fast = fora_fx.transform(Breaks(), compiler="eager")
+    with pytest.raises(RuntimeError, match="whole forward of Breaks as one graph") as info:
+        fast(*toy.inputs(1))
+    assert isinstance(info.value.__cause__, torch._dynamo.exc.Unsupported)
+
+
 _FRESH = textwrap.dedent(
     """
     import sys, torch
