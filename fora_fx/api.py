@@ -39,6 +39,8 @@ class ForaModule(torch.nn.Module):
         self, model: torch.nn.Module, config: ForaConfig, source: PipelineSteps | None = None
     ):
         super().__init__()
+        # `fast.training` is the model's (train() / eval() act on it), not a stale own copy.
+        del self.__dict__["training"]
         if model.training:
             warnings.warn(
                 f"fora_fx.transform: {type(model).__name__} is in training mode (dropout, label "

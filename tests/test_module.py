@@ -24,7 +24,9 @@ def test_attributes_and_state_pass_through(dit):
     assert fast.transformer_blocks is case.model.transformer_blocks
     assert list(fast.state_dict()) == list(case.model.state_dict())
     assert [id(p) for p in fast.parameters()] == [id(p) for p in case.model.parameters()]
-    assert fast.eval() is fast and not case.model.training
+    assert fast.eval() is fast and not case.model.training and not fast.training
+    assert fast.train().training and case.model.training
+    fast.eval()
     fast.load_state_dict(case.model.state_dict())
     # Writes reach the model too: a flag set on the wrapper is the model's
     fast.fora_test_flag = 3
