@@ -5,23 +5,7 @@
 # Writes $OUT/*.json (rewritten after every row, so a run cut off keeps what it measured) and
 # $OUT/bench.md. Cudagraph skips are errors (TORCHINDUCTOR_CUDAGRAPH_OR_ERROR). Ordered by
 # what matters most, each part under its own time limit. B counts CFG: --batch 1 is B=2.
-set -uo pipefail
-OUT="${OUT:-/tmp/fora_out}"; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
-else
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-fi
-export TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-bench() {  # bench SECONDS NAME ARGS...
-  local limit=$1 name=$2; shift 2
-  timeout "$limit" python3 -m fora_fx.cli bench "$@" --json "$OUT/$name.json" \
-    2> >(tee "$OUT/$name.log" >&2) | tee -a "$OUT/bench.md"
-}
+source "$(dirname "$0")/gpu_setup.sh"
 # Correctness first, on the GPU: bf16, CUDA graphs, FORA equal to the eager FORA.
 bench 50 tiny --model tiny --steps 10 --repeats 1 --intervals 3 --no-compiled-peers
 # DiT-XL/2: B=2 with every row, then B=16; PixArt-alpha 512 (cross-attention) at B=2.

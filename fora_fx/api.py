@@ -71,7 +71,7 @@ class ForaModule(torch.nn.Module):
         )
         call = self.__dict__.get("_fora_direct") if repeats else None
         if call is not None and not call.valid():
-            call = repeats = None  # a tensor attribute was reassigned: through Dynamo
+            call, repeats = None, False  # a tensor attribute was reassigned: through Dynamo
         stance = guards.unguarded() if repeats and call is None else None
         with torch.no_grad(), active(runtime, self._fora_paths):
             if call is not None:
@@ -216,7 +216,7 @@ def runtimes(obj: Any) -> list[Runtime]:
     if is_pipeline(obj):
         fasts = wrapped(obj)
         if fasts:
-            return [f._fora_runtime for f in fasts]
+            return [f._fora_runtime for f in fasts.values()]
         raise TypeError(f"{type(obj).__name__} was not transformed by fora_fx.transform")
     orig = getattr(obj, "_orig_mod", None)  # torch.compile(...) of a module
     if isinstance(orig, torch.nn.Module):

@@ -59,19 +59,18 @@ def transform_pipeline(pipe: Any, config: ForaConfig, wrap: Any) -> Any:
     return pipe
 
 
-def wrapped(pipe: Any) -> list[Any]:
-    """The pipeline's transformed transformers (ForaModules), in transformer_names order."""
-    found = [getattr(pipe, n, None) for n in transformer_names(pipe)]
-    return [f for f in found if getattr(f, "_fora_model", None) is not None]
+def wrapped(pipe: Any) -> dict[str, Any]:
+    """name -> the pipeline's transformed transformers (ForaModules), in transformer_names
+    order."""
+    found = {n: getattr(pipe, n, None) for n in transformer_names(pipe)}
+    return {n: f for n, f in found.items() if getattr(f, "_fora_model", None) is not None}
 
 
 def restore_pipeline(pipe: Any) -> Any:
     fasts = wrapped(pipe)
     if not fasts:
         raise TypeError(f"fora_fx.restore: {type(pipe).__name__} was not transformed")
-    for name in transformer_names(pipe):
-        fast = getattr(pipe, name)
-        if getattr(fast, "_fora_model", None) is not None:
-            fast._fora_runtime.release()
-            object.__setattr__(pipe, name, fast._fora_model)
+    for name, fast in fasts.items():
+        fast._fora_runtime.release()
+        object.__setattr__(pipe, name, fast._fora_model)
     return pipe

@@ -7,6 +7,18 @@ from __future__ import annotations
 import torch
 
 HEAD_DIM = 16
+CAPTION_DIM = 24
+SITES = [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")]
+
+
+def _config() -> dict:
+    """What the image and video models share: 2 blocks, hidden 32, 2 cross-attention heads."""
+    from zoo import LATENT_CH, SAMPLE
+
+    return dict(in_channels=LATENT_CH, out_channels=LATENT_CH, num_attention_heads=2,
+                attention_head_dim=HEAD_DIM, num_layers=2, num_cross_attention_heads=2,
+                cross_attention_head_dim=HEAD_DIM, cross_attention_dim=32,
+                caption_channels=CAPTION_DIM, mlp_ratio=2.0, sample_size=SAMPLE)
 
 
 def build_sana(batch: int):
@@ -14,45 +26,30 @@ def build_sana(batch: int):
     from zoo import LATENT_CH, SAMPLE, TEXT_LEN, Case, _finish, _gen, _randn, _timesteps
     from zoo_video import _text_mask
 
-    caption_dim = 24
     torch.manual_seed(0)
-    model = SanaTransformer2DModel(
-        in_channels=LATENT_CH, out_channels=LATENT_CH, num_attention_heads=2,
-        attention_head_dim=HEAD_DIM, num_layers=2, num_cross_attention_heads=2,
-        cross_attention_head_dim=HEAD_DIM, cross_attention_dim=32, caption_channels=caption_dim,
-        mlp_ratio=2.0, sample_size=SAMPLE, patch_size=2,
-    )
-    model = _finish(model)
+    model = _finish(SanaTransformer2DModel(**_config(), patch_size=2))
 
     def inputs(step: int, seed: int) -> tuple[tuple, dict]:
         g = _gen(seed)
         return (), {
             "hidden_states": _randn(g, batch, LATENT_CH, SAMPLE, SAMPLE),
-            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, caption_dim),
+            "encoder_hidden_states": _randn(g, batch, TEXT_LEN, CAPTION_DIM),
             "encoder_attention_mask": _text_mask(batch),
             "timestep": _timesteps(step, batch),
         }
 
-    sites = [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")]
-    return Case("sana", model, inputs, sites)
+    return Case("sana", model, inputs, list(SITES))
 
 
 def build_sana_video(batch: int):
     from diffusers import SanaVideoTransformer3DModel
-    from zoo import LATENT_CH, SAMPLE, Case, _finish
+    from zoo import Case, _finish
     from zoo_video import video_inputs
 
-    caption_dim = 24
     torch.manual_seed(0)
-    model = SanaVideoTransformer3DModel(
-        in_channels=LATENT_CH, out_channels=LATENT_CH, num_attention_heads=2,
-        attention_head_dim=HEAD_DIM, num_layers=2, num_cross_attention_heads=2,
-        cross_attention_head_dim=HEAD_DIM, cross_attention_dim=32, caption_channels=caption_dim,
-        mlp_ratio=2.0, sample_size=SAMPLE, patch_size=(1, 2, 2), rope_max_seq_len=32,
-    )
-    model = _finish(model)
-    sites = [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")]
-    return Case("sana_video", model, video_inputs(batch, caption_dim, mask=True), sites)
+    model = _finish(SanaVideoTransformer3DModel(**_config(), patch_size=(1, 2, 2),
+                                                rope_max_seq_len=32))
+    return Case("sana_video", model, video_inputs(batch, CAPTION_DIM, mask=True), list(SITES))
 
 
 __all__ = ["build_sana", "build_sana_video"]

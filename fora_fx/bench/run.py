@@ -97,16 +97,15 @@ def run(setup: Setup, log: Callable[[str], None] = print,
     del compiled
     for n in setup.intervals:
         hook_model = fresh()
-        fora = HookFora(hook_model, sites, n)
+        loop = sampler(hook_model, before=HookFora(hook_model, sites, n).start_generation)
         if setup.peers:
-            ref = record(Row("hook-fora (official)", n),
-                         sampler(hook_model, before=fora.start_generation))
+            ref = record(Row("hook-fora (official)", n), loop)
         else:  # not a row, but still the reference every fora_fx row is checked against
             with torch.no_grad():
-                ref = sampler(hook_model, before=fora.start_generation)()
+                ref = loop()
         if ref is not None:
             refs[n] = ref
-        del hook_model, fora
+        del hook_model, loop
     variants = [("fora_fx", n, ForaConfig(interval=n, mode=mode)) for n in setup.intervals]
     if setup.ablation and 3 in setup.intervals:  # what the batch pass + fusion limit buy
         variants.append(("fora_fx -batch -limit", 3, ForaConfig(
