@@ -14,44 +14,13 @@ a model fails other than as expected (EXPECTED_FAILURES).
 
 from __future__ import annotations
 
-import sys
-import traceback
-
 import diffusers
 import torch
+from probe_common import B, g, main, registry, rn, tstep
+from probe_common import text_mask as _text_mask
 
-import fora_fx
-
-B, C, F, S, L = 2, 4, 3, 8, 6  # batch, latent channels, frames, latent h/w, text tokens
+C, F, S, L = 4, 3, 8, 6  # latent channels, frames, latent h/w, text tokens
 HD = 16
-
-
-def g(seed=0):
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
-
-
-def rn(gen, *shape):
-    return torch.randn(*shape, generator=gen)
-
-
-def finish(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 0 and not bool(p.ne(0).any()):
-                p.normal_(0, 0.05)
-    return model.float().eval()
-
-
-def tstep(v, scale=1.0):
-    return torch.full((B,), v * scale)
-
-
-def text_mask():
-    m = torch.ones(B, L)
-    m[:, -1] = 0
-    return m
 
 
 def inputs(mask: bool = False, **extra):
@@ -84,12 +53,11 @@ KANDINSKY6 = dict(in_visual_dim=C, out_visual_dim=C, in_text_dim=24, in_text_dim
                   num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False, in_audio_dim=4,
                   out_audio_dim=4)
 
-CASES = {}
+CASES, case = registry()
 
 
-def case(fn):
-    CASES[fn.__name__] = fn
-    return fn
+def text_mask():
+    return _text_mask(L)
 
 
 @case
@@ -365,61 +333,10 @@ def anyflow():
     return m, kw
 
 
-def first(out):
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    return out
-
-
-def run(name: str) -> bool:
-    print(f"\n########## {name}")
-    try:
-        m, kw = CASES[name]()
-    except Exception as e:
-        print("BUILD FAILED:", type(e).__name__, str(e)[:2000])
-        traceback.print_exc(limit=3)
-        return False
-    m = finish(m)
-    nparams = sum(p.numel() for p in m.parameters())
-    print(f"params: {nparams}")
-    kw0, kw1 = kw(999.0, 1), kw(900.0, 1)
-    try:
-        with torch.no_grad():
-            ref0 = first(m(**kw0))
-            ref1 = first(m(**kw1))
-    except Exception as e:
-        print("PLAIN MODEL FAILED:", type(e).__name__, str(e)[:2000])
-        traceback.print_exc(limit=6)
-        return False
-    fast = fora_fx.transform(m, interval=3, compiler="eager")
-    try:
-        with torch.no_grad():
-            out0 = first(fast(**kw0))
-            out1 = first(fast(**kw1))
-    except Exception as e:
-        print("FORA FAILED:", type(e).__name__, str(e)[:4000])
-        traceback.print_exc(limit=8)
-        return False
-    d0 = (out0 - ref0).abs().max().item()
-    d1 = (out1 - ref1).abs().max().item()
-    print(f"step0 max|fast-ref| = {d0:.3e}   (exact: {torch.equal(out0, ref0)})")
-    moved = (ref1 - ref0).abs().max().item()
-    print(f"step1 max|fast-ref(t1)| = {d1:.3e}  (|ref1-ref0| = {moved:.3e})")
-    print(fora_fx.explain(fast))
-    fora_fx.restore(fast)
-    return torch.equal(out0, ref0)
-
 
 # Dynamo cannot capture the model in one graph (docs/video.md): fora_fx raises, as it should.
 EXPECTED_FAILURES = {"hunyuan_video15"}
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(CASES)
-    bad = [n for n in names if not run(n) and n not in EXPECTED_FAILURES]
-    print("\nOK" if not bad else f"\nFAILED: {bad}")
-    sys.exit(1 if bad else 0)
+    main(CASES, EXPECTED_FAILURES)

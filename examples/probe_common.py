@@ -1,0 +1,120 @@
+"""The runner the model probes share (examples/video_probe.py, examples/image_probe.py).
+
+A probe case is a function returning ``(model, kw)``: a tiny random-weight diffusers
+transformer and ``kw(timestep, seed) -> dict`` of call arguments. `run` makes every all-zero
+parameter random (zero-init gates would hide sites), transforms the model with interval=3,
+and compares one refresh and one reuse call with the plain model's.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+
+import fora_fx
+
+B = 2  # batch of every case
+
+
+def g(seed: int = 0) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def rn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def tstep(v: float, scale: float = 1.0) -> torch.Tensor:
+    return torch.full((B,), v * scale)
+
+
+def text_mask(tokens: int) -> torch.Tensor:
+    m = torch.ones(B, tokens)
+    m[:, -1] = 0
+    return m
+
+
+def finish(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 0 and not bool(p.ne(0).any()):
+                p.normal_(0, 0.05)
+    return model.float().eval()
+
+
+def first(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
+
+
+Case = Callable[[], tuple]
+
+
+def registry() -> tuple[dict[str, Case], Callable[[Case], Case]]:
+    """A probe's case table and the decorator that fills it."""
+    cases: dict[str, Case] = {}
+
+    def case(fn: Case) -> Case:
+        cases[fn.__name__] = fn
+        return fn
+
+    return cases, case
+
+
+def run(cases: dict[str, Case], name: str) -> bool:
+    print(f"\n########## {name}")
+    try:
+        m, kw = cases[name]()
+    except Exception as e:
+        print("BUILD FAILED:", type(e).__name__, str(e)[:2000])
+        traceback.print_exc(limit=3)
+        return False
+    m = finish(m)
+    nparams = sum(p.numel() for p in m.parameters())
+    print(f"params: {nparams}")
+    kw0, kw1 = kw(999.0, 1), kw(900.0, 1)
+    try:
+        with torch.no_grad():
+            ref0 = first(m(**kw0))
+            ref1 = first(m(**kw1))
+    except Exception as e:
+        print("PLAIN MODEL FAILED:", type(e).__name__, str(e)[:2000])
+        traceback.print_exc(limit=6)
+        return False
+    fast = fora_fx.transform(m, interval=3, compiler="eager")
+    try:
+        with torch.no_grad():
+            out0 = first(fast(**kw0))
+            out1 = first(fast(**kw1))
+    except Exception as e:
+        print("FORA FAILED:", type(e).__name__, str(e)[:4000])
+        traceback.print_exc(limit=8)
+        return False
+    d0 = (out0 - ref0).abs().max().item()
+    d1 = (out1 - ref1).abs().max().item()
+    print(f"step0 max|fast-ref| = {d0:.3e}   (exact: {torch.equal(out0, ref0)})")
+    moved = (ref1 - ref0).abs().max().item()
+    print(f"step1 max|fast-ref(t1)| = {d1:.3e}  (|ref1-ref0| = {moved:.3e})")
+    print(fora_fx.explain(fast))
+    fora_fx.restore(fast)
+    return torch.equal(out0, ref0)
+
+
+def main(cases: dict[str, Case], expected_failures: set[str]) -> None:
+    names = sys.argv[1:] or list(cases)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; valid: {sorted(cases)}")
+    bad = [n for n in names if not run(cases, n) and n not in expected_failures]
+    print("\nOK" if not bad else f"\nFAILED: {bad}")
+    sys.exit(1 if bad else 0)
