@@ -15,6 +15,7 @@ from .runtime import CompiledPair
 class Explanation:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    uncovered: list[str] = field(default_factory=list)  # repeated blocks with no candidate
     cache_bytes: int = 0
     pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
     batched: dict[str, list[Batched]] = field(default_factory=dict)  # first graph's, by variant
@@ -55,10 +56,28 @@ class Explanation:
         if self.refused:
             lines.append("not cached:")
             lines += [f"  {r.module_path} ({r.kind}): {r.reason}" for r in self.refused]
+        if self.uncovered:
+            lines.append(
+                "repeated blocks with no attention or MLP found (whatever mixes their tokens "
+                f"runs on every step): {_ranges(self.uncovered)}"
+            )
         if self.show_graphs:
             for name, code in self.graphs.items():
                 lines += [f"--- {name} graph ---", code]
         return "\n".join(lines)
+
+
+def _ranges(paths: list[str]) -> str:
+    """["blocks.0", "blocks.1", "blocks.3"] -> "blocks.0-1, blocks.3"."""
+    runs: list[tuple[str, int, int]] = []
+    for path in paths:
+        container, _, idx = path.rpartition(".")
+        i = int(idx)
+        if runs and runs[-1][0] == container and runs[-1][2] == i - 1:
+            runs[-1] = (container, runs[-1][1], i)
+        else:
+            runs.append((container, i, i))
+    return ", ".join(f"{c}.{a}" + (f"-{b}" if b > a else "") for c, a, b in runs)
 
 
 def readable(code: str) -> str:
@@ -96,7 +115,9 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     pairs = _pairs(obj)
     sites: dict[str, Site] = {}
     refused: dict[tuple[str, str], Refusal] = {}
+    uncovered: dict[str, None] = {}
     for p in pairs:
+        uncovered.update(dict.fromkeys(p.located.uncovered))
         for s in p.sites:
             sites.setdefault(s.module_path, s)
         for r in p.located.refused:
@@ -105,6 +126,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     return Explanation(
         sites=list(sites.values()),
         refused=list(refused.values()),
+        uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
         batched=pair.batched,

@@ -9,7 +9,8 @@
 """
 
 from .batch import Batched, Stack, batch_blocks, stack_names
-from .locate import locate, normalize_path
+from .locate import locate
+from .paths import normalize_path
 from .prune import prune_chunked_linears
 from .sites import LocateResult, Refusal, Site
 from .specialize import buffer_names, clone, elide_loads, lower_stores, specialize

@@ -9,7 +9,6 @@ runs and positions; it does not change the graph.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,23 +16,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..ops import LOAD, STORE
-from .locate import _stack, normalize_path
+from .paths import block_of
 from .patterns import is_parameter
 
-_BLOCK = re.compile(r"^(.*)\.(\d+)$")
 COMPUTE = ("call_function", "call_method")
 IMPURE = {LOAD, STORE, torch.ops.aten.copy_.default}
-
-
-def block_of(node: Node, paths: Mapping[str, str]) -> tuple[str, int] | None:
-    """(container path, index) of the outermost numbered module the node runs in."""
-    for key, text in _stack(node):
-        base = key.split("@")[0]
-        path = paths.get(base) or normalize_path(text)
-        m = _BLOCK.match(path)
-        if m:
-            return m.group(1), int(m.group(2))
-    return None
 
 
 class Run:

@@ -18,11 +18,12 @@ A candidate is refused (with a reason) when caching it would not be FORA: passes
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from torch.fx import GraphModule, Node
 
+from .coverage import uncovered_blocks
+from .paths import module_stack, normalize_path
 from .patterns import (
     attention_qk,
     is_attention_core,
@@ -37,22 +38,6 @@ from .regions import check_region
 from .sites import LocateResult, Refusal, Site
 
 
-def _stack(node: Node) -> list[tuple[str, str]]:
-    """[(key, path_text)] from outermost to innermost module."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [(k, v[0] if isinstance(v, tuple) else str(v)) for k, v in stack.items()]
-
-
-def normalize_path(text: str) -> str:
-    """Dynamo's source text of a module -> a dotted path ("transformer_blocks.0.attn1")."""
-    text = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", text)
-    text = re.sub(r"\._modules\['([^']+)'\]", r".\1", text)
-    text = re.sub(r"\['([^']+)'\]", r".\1", text)
-    text = re.sub(r"\[(\d+)\]", r".\1", text)
-    text = re.sub(r"^L\.self\.?|^self\.?", "", text)
-    return text.strip(".")
-
-
 class _Graph:
     """Per-graph indexes the locator needs: order, module regions, stream reachability."""
 
@@ -64,7 +49,7 @@ class _Graph:
         for n in self.nodes:
             if n.op not in ("call_function", "call_method", "call_module"):
                 continue
-            for key, text in _stack(n):
+            for key, text in module_stack(n):
                 self.regions.setdefault(key, []).append(n)
                 self.path_text.setdefault(key, text)
         self.paths = paths or {}
@@ -78,12 +63,12 @@ class _Graph:
         return path + (f"@{key.split('@')[1]}" if "@" in key else "")
 
     def innermost_key(self, node: Node) -> str | None:
-        stack = _stack(node)
+        stack = module_stack(node)
         return stack[-1][0] if stack else None
 
     def lca_key(self, a: Node, b: Node) -> str | None:
         common = None
-        for (ka, _), (kb, _) in zip(_stack(a), _stack(b), strict=False):
+        for (ka, _), (kb, _) in zip(module_stack(a), module_stack(b), strict=False):
             if ka != kb:
                 break
             common = ka
@@ -226,6 +211,7 @@ def locate(
                 nbytes=nbytes,
             )
         )
+    result.uncovered = uncovered_blocks(g.nodes, g.paths, result.sites, result.refused)
     return result
 
 

@@ -36,6 +36,7 @@ class Refusal:
 class LocateResult:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    uncovered: list[str] = field(default_factory=list)  # repeated blocks with no candidate
 
     @property
     def cache_bytes(self) -> int:

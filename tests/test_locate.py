@@ -51,6 +51,7 @@ def test_sites_found_by_structure(name):
     result = locate(gm, module_paths(case.model))
     assert [s.module_path for s in result.sites] == case.explained
     assert [s.kind for s in result.sites] == KINDS[name]
+    assert result.uncovered == []  # every repeated block holds a site
     # Without the id -> name map the paths come from Dynamo's source text and agree.
     assert [s.module_path for s in locate(gm).sites] == case.explained
     # Joint attention (SD3 / Flux double blocks, CogVideoX, HunyuanVideo) caches both of its
@@ -242,3 +243,57 @@ def test_prune_keeps_only_live_adaln_chunks(name, expected):
                               if n.op == "call_function" and "linear" in str(n.target))
         assert 6 * 32 in widths and 6 * 32 not in after_widths
         assert after_widths.count(32) == widths.count(32) + 2 * expected
+
+
+class _ScanBlock(nn.Module):
+    """A state-space-style token mixer: a gated, decaying cumulative sum over tokens. No
+    attention and no MLP: the locator has nothing to cache here."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.gate, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.cumsum(torch.tanh(self.inp(x)) * 0.9, dim=1) / x.shape[1]
+        return x + self.out(h * torch.sigmoid(self.gate(x)) + 0.1 * torch.exp(-h.abs()))
+
+
+class _AttnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn, self.mlp = Attention(16, heads=2, dim_head=8), _Mlp()
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class Hybrid(nn.Module):
+    """Attention blocks and scan blocks, as in hybrid attention / state-space backbones."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_AttnBlock(), _ScanBlock(), _AttnBlock(), _ScanBlock()])
+        self.embed = nn.Sequential(nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 16))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_repeated_blocks_without_a_site_are_listed():
+    model = Hybrid().eval()
+    gm, _ = capture(model, torch.randn(2, 5, 16))
+    result = locate(gm, module_paths(model))
+    assert [s.module_path for s in result.sites] == [
+        "blocks.0.attn", "blocks.0.mlp", "blocks.2.attn", "blocks.2.mlp"]
+    assert result.uncovered == ["blocks.1", "blocks.3"]  # embed.0 / embed.2 are not blocks
+    fast = fora_fx.transform(model, compiler="eager")
+    fast(torch.randn(2, 5, 16))
+    text = str(fora_fx.explain(fast))
+    assert "repeated blocks with no attention or MLP found" in text
+    assert text.rstrip().endswith("blocks.1, blocks.3")

@@ -1,0 +1,50 @@
+"""Module paths of graph nodes, from Dynamo's ``nn_module_stack`` metadata."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from torch.fx import Node
+
+_BLOCK = re.compile(r"^(.*)\.(\d+)$")
+
+
+def module_stack(node: Node) -> list[tuple[str, str]]:
+    """[(key, path_text)] from outermost to innermost module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(k, v[0] if isinstance(v, tuple) else str(v)) for k, v in stack.items()]
+
+
+def module_class(node: Node, key: str) -> str:
+    """The class name of the module `key` of the node's stack ("" if unknown)."""
+    v = (node.meta.get("nn_module_stack") or {}).get(key)
+    cls = v[1] if isinstance(v, tuple) and len(v) > 1 else None
+    return getattr(cls, "__name__", None) or str(cls or "").rsplit(".", 1)[-1]
+
+
+def normalize_path(text: str) -> str:
+    """Dynamo's source text of a module -> a dotted path ("transformer_blocks.0.attn1")."""
+    text = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", text)
+    text = re.sub(r"\._modules\['([^']+)'\]", r".\1", text)
+    text = re.sub(r"\['([^']+)'\]", r".\1", text)
+    text = re.sub(r"\[(\d+)\]", r".\1", text)
+    text = re.sub(r"^L\.self\.?|^self\.?", "", text)
+    return text.strip(".")
+
+
+def block_key(node: Node, paths: Mapping[str, str]) -> tuple[str, int, str] | None:
+    """(container path, index, stack key) of the outermost numbered module the node runs in."""
+    for key, text in module_stack(node):
+        base = key.split("@")[0]
+        path = paths.get(base) or normalize_path(text)
+        m = _BLOCK.match(path)
+        if m:
+            return m.group(1), int(m.group(2)), key
+    return None
+
+
+def block_of(node: Node, paths: Mapping[str, str]) -> tuple[str, int] | None:
+    """(container path, index) of the outermost numbered module the node runs in."""
+    found = block_key(node, paths)
+    return None if found is None else found[:2]
