@@ -103,7 +103,9 @@ class ForaModule(torch.nn.Module):
     def _guarded(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:
             return self._fora_compiled(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported as e:  # fullgraph=True: Dynamo hit a break
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            # fullgraph=True: Dynamo hit a break, or a size it cannot guard on (HunyuanImage
+            # 2.1 reorders each sample's tokens with boolean masks before attention)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RuntimeError(
                 f"fora_fx needs the whole forward of {type(self._fora_model).__name__} as one "

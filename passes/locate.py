@@ -5,10 +5,12 @@ A site is the region of one module call (nodes sharing an nn_module_stack key) t
     matmul, or a linear attention's (V K^T) Q), classed "cross_attn" when its keys come from
     other inputs than its queries;
   * an MLP: the innermost module around Linear -> activation -> Linear (or convolutions, as
-    in Sana) operating on the token stream (downstream of some attention), which excludes
+    in Sana; or a SwiGLU's two Linears of one input) operating on the token stream
+    (downstream of some attention, or reading an attention's input), which excludes
     timestep / caption embedders;
-  * a parallel block (Flux single blocks): an attention and an MLP half concatenated into a
-    shared output projection; the projection's output is the cache point.
+  * a parallel block (Flux single blocks; Flux 2's, all in one attention module): an
+    attention and an MLP half concatenated into a shared output projection; the
+    projection's output is the cache point.
 The module boundary is FORA's cache point: in DiT-style blocks the gate multiply and the
 residual add sit outside the attention / MLP module (DESIGN.md section 3).
 
@@ -31,7 +33,7 @@ from .patterns import (
     is_parameter,
     is_projection,
     is_token_product,
-    mlp_first_linear,
+    mlp_first_projections,
     parallel_chain,
 )
 from .regions import check_region
@@ -66,12 +68,13 @@ class _Graph:
         stack = module_stack(node)
         return stack[-1][0] if stack else None
 
-    def lca_key(self, a: Node, b: Node) -> str | None:
+    def lca_key(self, *nodes: Node) -> str | None:
+        """The innermost module every one of `nodes` runs in."""
         common = None
-        for (ka, _), (kb, _) in zip(module_stack(a), module_stack(b), strict=False):
-            if ka != kb:
+        for level in zip(*(module_stack(n) for n in nodes), strict=False):
+            if len({k for k, _ in level}) != 1:
                 break
-            common = ka
+            common = level[0][0]
         return common
 
 
@@ -150,14 +153,27 @@ def locate(
     if "parallel" in kinds:
         _add_parallel_blocks(g, candidates)
 
+    # An MLP of the token stream runs after some attention, or beside one on the same input
+    # (Flux 3's mode blocks: attn(x) + ff(x), the first of them before any attention);
+    # timestep and caption embedders do neither.
     stream = _downstream(attn_cores)
+    attn_inputs = {
+        a
+        for kind, _, region in candidates.values()
+        if kind != "mlp"
+        for n in region
+        for a in n.all_input_nodes
+        if a not in region
+    }
     for l2 in g.nodes:
         if not is_projection(l2):
             continue
-        l1 = mlp_first_linear(l2)
-        if l1 is None or l1 not in stream:
+        firsts = mlp_first_projections(l2)
+        if firsts is None:
             continue
-        key = g.lca_key(l1, l2)
+        if not (all(l1 in stream for l1 in firsts) or firsts[0].args[0] in attn_inputs):
+            continue
+        key = g.lca_key(l2, *firsts)
         if key is None:
             continue
         if key in candidates and candidates[key][0] != "mlp":
@@ -166,7 +182,8 @@ def locate(
             )
             continue
         prev = candidates.get(key)
-        candidates[key] = ("mlp", (prev[1] if prev else set()) | {l1, l2}, set(g.regions[key]))
+        candidates[key] = ("mlp", (prev[1] if prev else set()) | {l2, *firsts},
+                           set(g.regions[key]))
 
     accepted: list[tuple[str, str, set[Node], list[Node]]] = []
     for key, (kind, cores, region) in candidates.items():
@@ -218,26 +235,32 @@ def locate(
 def _add_parallel_blocks(
     g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]]
 ) -> None:
-    """Merges an attention and the MLP that shares its output projection into one site."""
-    attn_outputs: dict[Node, str] = {}
-    for key, (kind, _, region) in candidates.items():
+    """Merges an attention and the MLP that shares its output projection into one site.
+
+    Flux: the MLP half sits in the block, beside the attention module, whose output leaves
+    it; the block's region is the site. Flux 2: the whole parallel block is the attention
+    module, whose core is reached from `to_out` through views; that module is the site.
+    """
+    attn_ends: dict[Node, str] = {}
+    for key, (kind, cores, region) in candidates.items():
         if kind == "attn":
+            attn_ends.update(dict.fromkeys(cores, key))
             for n in region:
                 if any(u not in region for u in n.users):
-                    attn_outputs[n] = key
+                    attn_ends[n] = key
     for l2 in g.nodes:
         if not is_linear(l2):
             continue
-        found = parallel_chain(l2, attn_outputs)
+        found = parallel_chain(l2, attn_ends)
         if found is None:
             continue
         chain, l1, reached = found
-        attn_keys = {attn_outputs[n] for n in reached}
+        attn_keys = {attn_ends[n] for n in reached}
         if len(attn_keys) != 1:
             continue
         (attn_key,) = attn_keys
         block = g.lca_key(l1, l2)
-        if block is None or block == attn_key:
+        if block is None or attn_key not in candidates:
             continue
         _, cores, attn_region = candidates.pop(attn_key)
         candidates[block] = ("parallel", cores | {l1, l2}, attn_region | chain)

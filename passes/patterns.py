@@ -22,10 +22,12 @@ _ACTIVATIONS = {
     "gelu", "silu", "relu", "tanh", "sigmoid",
 }
 # Ops allowed between the two Linears of an MLP besides activations (GEGLU splits and
-# multiplies; dropout and casts are identities at inference).
+# multiplies; dropout and casts are identities at inference). Ovis's parallel blocks split
+# their MLP input with torch.split, which Dynamo records as torch.functional.split.
 _MLP_GLUE = {
-    F.dropout, operator.getitem, operator.mul, torch.mul, torch.chunk,
-    "chunk", "to", "float", "half", "contiguous", "type_as", "mul",
+    F.dropout, operator.getitem, operator.mul, torch.mul, torch.chunk, torch.split,
+    torch.functional.split, "chunk", "split", "to", "float", "half", "contiguous", "type_as",
+    "mul",
 }
 
 
@@ -141,17 +143,19 @@ def attention_qk(core: Node) -> tuple[Node, Node] | None:
     return None
 
 
-def mlp_first_linear(l2: Node) -> Node | None:
-    """The Linear feeding `l2` through activation / glue ops only, or None.
+def mlp_first_projections(l2: Node) -> list[Node] | None:
+    """The projections feeding `l2` through activation / glue ops only, or None.
 
     diffusers FeedForward (proj -> GELU / GEGLU -> dropout -> Linear), timm Mlp (fc1 -> GELU
     -> fc2), Sana's GLUMBConv (convolutions: depthwise conv -> GLU -> 1x1 conv), timestep
-    embedders (linear_1 -> SiLU -> linear_2; the locator drops those).
+    embedders (linear_1 -> SiLU -> linear_2; the locator drops those). A SwiGLU with separate
+    gate and value Linears (AuraFlow's `out_projection(silu(linear_1(x)) * linear_2(x))`,
+    FIBO 2's `w2(silu(w1(x)) * w3(x))`) has two first projections, which must read one input.
     """
     x = l2.args[0] if l2.args else None
     if not isinstance(x, Node):
         return None
-    sources: set[Node] = set()
+    sources: dict[Node, None] = {}
     saw_activation = False
     todo, seen = [x], set()
     while todo:
@@ -160,7 +164,7 @@ def mlp_first_linear(l2: Node) -> Node | None:
             continue
         seen.add(n)
         if is_projection(n):
-            sources.add(n)
+            sources[n] = None
             continue
         if _matches(n, _ACTIVATIONS):
             saw_activation = True
@@ -169,9 +173,11 @@ def mlp_first_linear(l2: Node) -> Node | None:
         todo.extend(a for a in n.all_input_nodes if not is_parameter(a))
         if len(seen) > 16:
             return None
-    if saw_activation and len(sources) == 1:
-        return sources.pop()
-    return None
+    if not (saw_activation and sources):
+        return None
+    if len({n.args[0] if n.args else None for n in sources}) != 1:
+        return None  # projections of different inputs: not one MLP
+    return list(sources)
 
 
 def parallel_chain(
@@ -180,8 +186,11 @@ def parallel_chain(
     """A parallel block's fused output projection, or None.
 
     Flux single blocks: proj_out(cat([attn(x), act_mlp(proj_mlp(x))])) with the gate applied
-    outside. Returns (the nodes between the attention outputs / first Linear and `l2`,
-    inclusive of both Linears; the first Linear; the attention outputs reached).
+    outside. Flux 2's single blocks do it all in one attention module: one Linear computes
+    QKV and the MLP input, split apart; the attention output (reached from its core through
+    views) and the SwiGLU half meet in a cat before `to_out`. Returns (the nodes between the
+    attention outputs / first Linear and `l2`, inclusive of both Linears; the first Linear;
+    the attention outputs reached).
     """
     outs = set(attention_outputs)
     x = l2.args[0] if l2.args else None
@@ -205,7 +214,7 @@ def parallel_chain(
             saw_cat = True
         elif _matches(n, _ACTIVATIONS):
             saw_activation = True
-        elif not _matches(n, _MLP_GLUE):
+        elif not (_matches(n, _MLP_GLUE) or _matches(n, _VIEWS)):
             return None
         todo.extend(a for a in n.all_input_nodes if not is_parameter(a))
         if len(chain) > 24:
