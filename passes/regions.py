@@ -59,20 +59,11 @@ def check_region(
                 f"output {n.name} has a symbolic shape {tuple(val.shape)}; "
                 "compile with dynamic=False"
             )
-    # Bypass: an output reachable from a region input without passing a core means the
-    # module adds its input back in (residual inside the module); caching it would freeze
-    # the residual stream on reuse steps.
-    # Only value dependencies count (out.type_as(query) reads query's dtype, not its
-    # values); an in-place write taints the buffer it writes and every view of it.
-    bypass: set[Node] = set()
-    for n in sorted(region, key=order.__getitem__):
-        if n in cores:
-            continue
-        if any((a not in region and not is_parameter(a)) or a in bypass for a in data_inputs(n)):
-            bypass.add(n)
-            if n in writes:
-                bypass |= aliases_of(writes[n], region)
-    leaked = [n.name for n in outputs if n in bypass]
+    # Bypass: an output with a term that does not pass a core means the module adds its
+    # input back in (a residual inside the module); caching it would freeze the residual
+    # stream on reuse steps. A core value *scaled* by one computed from the input (SanaWM's
+    # gated attention, attn * silu(gate(x)); an inverse rotary embedding) has no such term.
+    leaked = [n.name for n in outputs if _core_free_terms(region, order, cores, writes).get(n)]
     if leaked:
         return outputs, (
             f"output {leaked[0]} depends on the module input outside the attention/MLP core "
@@ -95,6 +86,44 @@ def check_region(
             if any(u in region for u in n.users):
                 return outputs, f"node {n.name} outside the region both reads and feeds it"
     return outputs, None
+
+
+_CORE, _FREE = 1, 2  # a value has a term carried by a core / a term from inputs alone
+# Products: every term of the result is a product of one term of each factor. SanaWM decodes
+# its camera attention's output back to world space with einsum / complex multiplies.
+_SCALES = {operator.mul, torch.mul, "mul", torch.einsum, torch.matmul, operator.matmul,
+           torch.bmm, "matmul", "bmm"}
+
+
+def _core_free_terms(
+    region: set[Node], order: dict[Node, int], cores: set[Node], writes: dict[Node, Node]
+) -> dict[Node, bool]:
+    """For each region node: does its value have a term that depends on the region's inputs
+    but on no core? Sums and other ops keep every input's terms; a product's term is
+    core-free only when every factor that depends on the inputs has a core-free term.
+    Only value dependencies count (out.type_as(query) reads query's dtype, not its values);
+    an in-place write gives its terms to the buffer it writes and every view of it."""
+    state: dict[Node, int] = {}
+    for n in sorted(region, key=order.__getitem__):
+        if n in cores:
+            state[n] = state.get(n, 0) | _CORE
+            continue
+        ins = [
+            0 if is_parameter(a) else state.get(a, 0) if a in region else _FREE
+            for a in data_inputs(n)
+        ]
+        s = 0
+        for x in ins:
+            s |= x
+        if n.op in ("call_function", "call_method") and n.target in _SCALES:
+            varying = [x for x in ins if x]
+            if not all(x & _FREE for x in varying):
+                s &= ~_FREE
+        state[n] = state.get(n, 0) | s
+        if n in writes:
+            for a in aliases_of(writes[n], region):
+                state[a] = state.get(a, 0) | s
+    return {n: bool(x & _FREE) for n, x in state.items()}
 
 
 _ADDS = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, torch.addcmul,

@@ -297,3 +297,42 @@ def test_repeated_blocks_without_a_site_are_listed():
     text = str(fora_fx.explain(fast))
     assert "repeated blocks with no attention or MLP found" in text
     assert text.rstrip().endswith("blocks.1, blocks.3")
+
+
+class _GatedAttention(nn.Module):
+    """Attention whose output is scaled by a gate computed from its input (SanaWM's gated
+    attention; `mode="residual"` adds the input back in before gating instead)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.qkv, self.out, self.gate = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).transpose(1, 3).unbind(2)
+        o = self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                     .transpose(1, 2).flatten(2))
+        if self.mode == "residual":
+            o = o + x
+        return o * torch.sigmoid(self.gate(x))
+
+
+class _GatedModel(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.attn = _GatedAttention(mode)
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
+def test_an_input_gate_scaling_the_attention_is_cached_a_residual_is_not():
+    x = torch.randn(2, 5, 16)
+    gm, _ = capture(_GatedModel("gated"), x)
+    result = locate(gm)
+    assert [s.module_path for s in result.sites] == ["attn"] and not result.refused
+    gm, _ = capture(_GatedModel("residual"), x)
+    result = locate(gm)
+    assert result.sites == []
+    assert [r.module_path for r in result.refused] == ["attn"]
+    assert "residual added inside the module" in result.refused[0].reason
