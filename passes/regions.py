@@ -2,9 +2,10 @@
 
 Caching a region is FORA only when its outputs are a residual branch computed from its
 inputs by the attention / MLP core, and nothing else is lost by skipping it:
-  * no output is reachable from a region input without passing a core (a residual added
-    inside the module, which caching would freeze); only value dependencies count
-    (passes/effects.py);
+  * no output has a term computed from the region's inputs without passing a core (a
+    residual added inside the module, which caching would freeze); a factor computed from
+    the inputs that scales a core value (a gate, a rotary decode) is fine; only value
+    dependencies count (passes/effects.py);
   * it writes in place only into memory it allocated, and has no other side effects;
   * its outputs have static shapes;
   * it is convex: nothing outside it sits between two of its nodes;
