@@ -28,6 +28,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .blocks import COMPUTE, IMPURE, Run, block_of, runs
+from .effects import eliminate_dead_code, has_effect, written_allocations
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,11 @@ def merge_outside_duplicates(gm: GraphModule, paths: Mapping[str, str]) -> int:
     """
     seen: dict[Any, Node] = {}
     merged = 0
+    # Two equal allocations that are written in place are two buffers, not one value.
+    written = written_allocations(gm.graph.nodes)
     for n in list(gm.graph.nodes):
-        if n.op not in COMPUTE or n.target in IMPURE or n.is_impure():
+        if n.op not in COMPUTE or n.target in IMPURE or has_effect(n) or n in written:
             continue
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if name.endswith("_") and not name.startswith("_"):
-            continue  # in place: two calls are two writes, not one value
         if any(word in str(n.target).lower() for word in _RANDOM):
             continue
         try:
@@ -195,7 +195,7 @@ def batch_blocks(gm: GraphModule, paths: Mapping[str, str] | None = None) -> lis
         stacked.update(p for grp in run.groups for p in grp)
         done.append(Batched(prefix, tuple(idxs), len(run.batched), stacks))
     if done:
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         graph.lint()
         gm.recompile()
     return done

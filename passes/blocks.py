@@ -16,6 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..ops import LOAD, STORE
+from .effects import has_effect, written_allocations
 from .paths import block_of
 from .patterns import is_parameter
 
@@ -68,9 +69,13 @@ class Run:
         return False
 
     def match(self) -> None:
+        # A buffer a block writes in place stays one per block: vmap would return an
+        # allocation that does not depend on the batched inputs expanded, one memory for
+        # every block (NucleusMoE's router sums, torch.zeros(...).scatter_add_(...)).
+        written = written_allocations(self.nodes[0])
         for k, n0 in enumerate(self.nodes[0]):
             ns = [block[k] for block in self.nodes]
-            if n0.op not in COMPUTE or n0.target in IMPURE or n0.is_impure():
+            if n0.op not in COMPUTE or n0.target in IMPURE or has_effect(n0) or n0 in written:
                 continue
             if not isinstance(n0.meta.get("example_value"), torch.Tensor):
                 continue

@@ -15,10 +15,11 @@ and not what it writes. The locator needs both:
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 # Ops whose first argument contributes only its shape / dtype / device.
 _META_SELF = {
@@ -153,4 +154,42 @@ def aliases_of(base: Node, region: set[Node]) -> set[Node]:
     return out
 
 
-__all__ = ["aliases_of", "data_inputs", "fresh_base", "is_local_assert", "mutated_arg"]
+def has_effect(node: Node) -> bool:
+    """Whether dropping `node` could change the program although its result is unused.
+
+    FX's `Node.is_impure` misses in-place writes Dynamo records as tensor methods:
+    NucleusMoE's router sums its scores with `sums.scatter_add_(0, idx, scores)` and never
+    reads the method's result, so a plain `eliminate_dead_code` dropped the write and the
+    refresh step divided by zero sums."""
+    return node.is_impure() or mutated_arg(node) is not None
+
+
+def eliminate_dead_code(graph: Graph, removable: Collection[str] = ()) -> None:
+    """`graph.eliminate_dead_code` that keeps every node with an effect (`has_effect`),
+    except those named in `removable` (a reused site's own nodes, writes included)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.name not in removable and has_effect(n))
+
+
+def written_allocations(nodes: Iterable[Node]) -> set[Node]:
+    """The fresh allocations among `nodes`' arguments that some node of `nodes` writes in place
+    (and their views): such a buffer must stay one per writer."""
+    out: set[Node] = set()
+    pool = set(nodes)
+    for n in pool:
+        target = mutated_arg(n)
+        base = fresh_base(target) if target is not None else None
+        if base is not None:
+            out |= aliases_of(base, pool | {base})
+    return out
+
+
+__all__ = [
+    "aliases_of",
+    "data_inputs",
+    "eliminate_dead_code",
+    "fresh_base",
+    "has_effect",
+    "is_local_assert",
+    "mutated_arg",
+    "written_allocations",
+]

@@ -19,6 +19,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from .effects import eliminate_dead_code
 from .patterns import is_linear
 
 _CHUNK = {torch.chunk, "chunk"}
@@ -80,7 +81,7 @@ def prune_chunked_linears(gm: GraphModule) -> int:
             part.meta.update({k2: v for k2, v in g.meta.items() if k2 != "example_value"})
             part.meta["example_value"] = g.meta.get("example_value")
             g.replace_all_uses_with(part)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         pruned += 1
     graph.lint()
     gm.recompile()

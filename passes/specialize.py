@@ -20,6 +20,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..ops import LOAD, STORE
+from .effects import eliminate_dead_code
 from .sites import Site
 
 # GraphModule attributes Dynamo/AOTAutograd read (DESIGN.md section 4: a deepcopy drops them,
@@ -105,8 +106,7 @@ def specialize(gm: GraphModule, sites: Sequence[Site], refresh: bool) -> GraphMo
         # lost their users; fora::store is mutable, so DCE never touches a refresh graph's stores.
         # A region's in-place writes into its own buffers (locate allows only those) die
         # with it, although DCE keeps mutations by default.
-        dead = {n for site in sites for n in site.nodes}
-        graph.eliminate_dead_code(is_impure_node=lambda n: n.name not in dead and n.is_impure())
+        eliminate_dead_code(graph, removable={n for site in sites for n in site.nodes})
     graph.lint()
     new.recompile()
     return new

@@ -116,3 +116,59 @@ def test_rope_module_runs_through_fora_like_the_eager_model():
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(got[2], plain[2], rtol=0, atol=0)
     assert not torch.allclose(got[1], plain[1])  # step 1 replayed step 0's attention
+
+
+class _RoutedBlock(nn.Module):
+    """A block that normalises its MLP's per-token weights by group sums it accumulates with
+    an in-place `scatter_add_` into a fresh `torch.zeros`, whose result it never reads
+    (NucleusMoE's router). Every block allocates the same buffer."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn, self.router = Attention(16, heads=2, dim_head=8), nn.Linear(16, 1)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        scores = torch.sigmoid(self.router(x)).flatten()
+        group = torch.arange(scores.shape[0]) % 3
+        sums = torch.zeros(3)
+        sums.scatter_add_(0, group, scores)
+        weight = scores / (sums[group] + 1e-12)
+        return x + weight.view(x.shape[0], x.shape[1], 1) * self.mlp(x)
+
+
+class _Routed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_RoutedBlock(), _RoutedBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("batch_blocks", [True, False])
+def test_in_place_method_writes_survive_dead_code_removal(batch_blocks):
+    # Before: the graph-wide DCE of the batch / reuse passes dropped `scatter_add_` (FX only
+    # counts in-place *functions* as impure), and the batch pass gave both blocks one
+    # `zeros` buffer: the refresh step divided by zero sums.
+    from reference import EagerFora
+
+    torch.manual_seed(0)
+    model = _Routed().eval()
+    xs = [torch.randn(2, 5, 16) for _ in range(3)]
+    with torch.no_grad():
+        ref = EagerFora(model, [f"blocks.{i}.{s}" for i in (0, 1) for s in ("attn", "mlp")],
+                        interval=3)
+        expected = [ref(x) for x in xs]
+        ref.remove()
+        fast = fora_fx.transform(model, interval=3, compiler="eager", batch_blocks=batch_blocks)
+        got = [fast(x) for x in xs]
+    assert torch.equal(got[0], expected[0])  # the refresh step is the plain model's
+    for g, e in zip(got[1:], expected[1:], strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert len(fora_fx.explain(fast).sites) == 4
