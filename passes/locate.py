@@ -33,7 +33,7 @@ from .patterns import (
     is_parameter,
     is_projection,
     is_token_product,
-    mlp_first_projections,
+    mlp_chain,
     parallel_chain,
 )
 from .regions import check_region
@@ -157,6 +157,7 @@ def locate(
     # (Flux 3's mode blocks: attn(x) + ff(x), the first of them before any attention);
     # timestep and caption embedders do neither.
     stream = _downstream(attn_cores)
+    chains: dict[str, list[tuple[Node, set[Node], set[Node]]]] = {}  # key -> (l2, cores, nodes)
     attn_inputs = {
         a
         for kind, _, region in candidates.values()
@@ -168,9 +169,10 @@ def locate(
     for l2 in g.nodes:
         if not is_projection(l2):
             continue
-        firsts = mlp_first_projections(l2)
-        if firsts is None:
+        found = mlp_chain(l2)
+        if found is None:
             continue
+        firsts, between = found
         if not (all(l1 in stream for l1 in firsts) or firsts[0].args[0] in attn_inputs):
             continue
         key = g.lca_key(l2, *firsts)
@@ -184,6 +186,7 @@ def locate(
         prev = candidates.get(key)
         candidates[key] = ("mlp", (prev[1] if prev else set()) | {l2, *firsts},
                            set(g.regions[key]))
+        chains.setdefault(key, []).append((l2, {l2, *firsts}, {l2, *firsts} | between))
 
     accepted: list[tuple[str, str, set[Node], list[Node]]] = []
     for key, (kind, cores, region) in candidates.items():
@@ -192,10 +195,14 @@ def locate(
         if kind != "mlp":  # every token product of an attention is part of its core
             cores = cores | {n for n in region if is_token_product(n)}
         outputs, reason = check_region(g.nodes, g.order, region, cores)
-        if reason is not None:
-            result.refused.append(Refusal(g.path(key), kind, reason))
+        if reason is None:
+            accepted.append((key, kind, region, outputs))
             continue
-        accepted.append((key, kind, region, outputs))
+        inline = _inline_mlps(g, chains.get(key, []), region) if kind == "mlp" else []
+        if inline:
+            accepted += inline
+        else:
+            result.refused.append(Refusal(g.path(key), kind, reason))
 
     # Accepted regions never share nodes; should two overlap anyway, the first in graph
     # order is kept and the other refused, rather than caching one value twice.
@@ -230,6 +237,26 @@ def locate(
         )
     result.uncovered = uncovered_blocks(g.nodes, g.paths, result.sites, result.refused)
     return result
+
+
+def _inline_mlps(
+    g: _Graph, chains: list[tuple[Node, set[Node], set[Node]]], region: set[Node]
+) -> list[tuple[str, str, set[Node], list[Node]]]:
+    """MLPs computed inline in a block (PRX: `down_proj(act(gate_proj(x)) * up_proj(x))` in
+    the block's forward, hand-written DiT blocks calling `fc2(gelu(fc1(x)))`): when the
+    smallest module holding an MLP's projections is more than the MLP and cannot be cached,
+    the nodes from its first projections to its last are the site, named after the last
+    projection's module. All of the module's MLPs must qualify, or none is taken."""
+    found = []
+    for l2, cores, nodes in chains:
+        key = g.innermost_key(l2)
+        if nodes == region or key is None:
+            return []
+        outputs, reason = check_region(g.nodes, g.order, nodes, cores)
+        if reason is not None:
+            return []
+        found.append((key, "mlp", nodes, outputs))
+    return found
 
 
 def _add_parallel_blocks(

@@ -143,8 +143,8 @@ def attention_qk(core: Node) -> tuple[Node, Node] | None:
     return None
 
 
-def mlp_first_projections(l2: Node) -> list[Node] | None:
-    """The projections feeding `l2` through activation / glue ops only, or None.
+def mlp_chain(l2: Node) -> tuple[list[Node], set[Node]] | None:
+    """(the projections feeding `l2` through activation / glue ops only, those ops), or None.
 
     diffusers FeedForward (proj -> GELU / GEGLU -> dropout -> Linear), timm Mlp (fc1 -> GELU
     -> fc2), Sana's GLUMBConv (convolutions: depthwise conv -> GLU -> 1x1 conv), timestep
@@ -177,7 +177,7 @@ def mlp_first_projections(l2: Node) -> list[Node] | None:
         return None
     if len({n.args[0] if n.args else None for n in sources}) != 1:
         return None  # projections of different inputs: not one MLP
-    return list(sources)
+    return list(sources), seen
 
 
 def parallel_chain(

@@ -336,3 +336,63 @@ def test_an_input_gate_scaling_the_attention_is_cached_a_residual_is_not():
     assert result.sites == []
     assert [r.module_path for r in result.refused] == ["attn"]
     assert "residual added inside the module" in result.refused[0].reason
+
+
+class _InlineMlpBlock(nn.Module):
+    """A hand-written block that calls its MLP's Linears inline (PRX does the same with a
+    SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)))."""
+
+    def __init__(self, inline: bool):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.inline = inline
+        self.attn = Attention(16, heads=2, dim_head=8)
+        if inline:
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        else:
+            self.mlp = _Mlp()
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(x))) if self.inline else self.mlp(x)
+        return x + 0.5 * h
+
+
+class _InlineMlpModel(nn.Module):
+    def __init__(self, inline: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([_InlineMlpBlock(inline) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_an_mlp_computed_inline_in_a_block_is_cached():
+    from reference import EagerFora
+
+    torch.manual_seed(0)
+    inline, modular = _InlineMlpModel(True).eval(), _InlineMlpModel(False).eval()
+    with torch.no_grad():
+        for a, b in zip(inline.blocks, modular.blocks, strict=True):
+            b.attn.load_state_dict(a.attn.state_dict())
+            b.mlp.fc1.load_state_dict(a.fc1.state_dict())
+            b.mlp.fc2.load_state_dict(a.fc2.state_dict())
+    xs = [torch.randn(2, 5, 16) for _ in range(4)]
+    gm, _ = capture(inline, xs[0])
+    result = locate(gm, module_paths(inline))
+    assert [(s.module_path, s.kind) for s in result.sites] == [
+        ("blocks.0.attn", "attn"), ("blocks.0.fc2", "mlp"),
+        ("blocks.1.attn", "attn"), ("blocks.1.fc2", "mlp")]
+    assert not result.refused
+    with torch.no_grad():
+        ref = EagerFora(modular, [f"blocks.{i}.{s}" for i in (0, 1) for s in ("attn", "mlp")],
+                        interval=3)
+        expected = [ref(x) for x in xs]
+        fast = fora_fx.transform(inline, interval=3, compiler="eager")
+        got = [fast(x) for x in xs]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got[1], inline(xs[1]))  # the reuse step did reuse
