@@ -33,9 +33,12 @@ KINDS = {
     "mochi": ["attn", "attn", "mlp", "mlp", "attn", "mlp"],
     "sana": ["attn", "cross_attn", "mlp"] * 2,
     "sana_video": ["attn", "cross_attn", "mlp"] * 2,
+    "flux2": ["attn", "mlp", "mlp"] * 2 + ["parallel"] * 2,
+    "auraflow": ["attn", "mlp", "mlp"] * 2 + ["attn", "mlp"] * 2,
 }
 # Sites with two cached outputs (joint text + image attention), by position.
-JOINT = {"sd3": [0], "flux": [0], "cogvideox": [0, 2], "hunyuan_video": [2], "mochi": [1]}
+JOINT = {"sd3": [0], "flux": [0], "cogvideox": [0, 2], "hunyuan_video": [2], "mochi": [1],
+         "flux2": [0, 3], "auraflow": [0, 3]}
 
 
 def _captured(name):

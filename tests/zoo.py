@@ -109,6 +109,7 @@ def output_tensor(out) -> torch.Tensor:
 
 # Video DiTs and the Sana family live in their own modules; their builders import this
 # one's helpers when called.
+from zoo_image import build_auraflow, build_flux2  # noqa: E402
 from zoo_sana import build_sana, build_sana_video  # noqa: E402
 from zoo_video import (  # noqa: E402
     build_cogvideox,
@@ -506,6 +507,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "mochi": build_mochi,
     "sana": build_sana,
     "sana_video": build_sana_video,
+    "flux2": build_flux2,
+    "auraflow": build_auraflow,
 }
 
 
