@@ -808,21 +808,21 @@ def pixart_sigma():
 
 
 # Each entry fails for a reason outside fora_fx: Dynamo cannot capture the model's own code in
-# one graph (fora_fx raises Dynamo's error, as it should), or the model is no DiT.
+# one graph (fora_fx raises Dynamo's error, as it should), or the model is not a DiT.
 EXPECTED_FAILURES = {
-    # per-sample ByT5/MLLM token reorder by boolean masks (transformer_hunyuanimage.py:818-848)
+    # ByT5 tokens reordered by boolean masks: data-dependent sizes (transformer_hunyuanimage.py:818)
     "hunyuan_image",
-    # Tensor.tolist() on image_pad_mask (transformer_qwenimage21.py:689, then :317)
+    # Tensor.tolist() on image_pad_mask, a graph break (transformer_qwenimage21.py:689)
     "qwenimage21",
-    # the same tolist() as qwenimage21, with the pipeline's default prefix KV cache
+    # the same tolist() as qwenimage21 (the pipeline's default prefix KV cache changes nothing)
     "qwenimage21_kvcache",
-    # moe_infer loops over bincount(), a data-dependent length (transformer_hidream_image.py:389)
+    # moe_infer loops over bincount(), a data-dependent length (transformer_hidream_image.py:391)
     "hidream",
-    # attention_mask.sum(dim=1).tolist() sizes the caption (transformer_lumina2.py:273)
+    # caption lengths from mask.sum().tolist() branch the forward (transformer_lumina2.py:273, :519)
     "lumina2",
-    # `if torch.max(position_ids) + 1 > ...`: a branch on a value (transformer_omnigen.py:154)
+    # `if torch.max(position_ids) + 1 > ...`: a branch on a value (transformer_omnigen.py:154-155)
     "omnigen",
-    # a UNet, not a DiT: exact, but its mid-block conv resnets hold no attention/MLP (uncovered)
+    # a UNet, not a DiT: exact, but explain lists its mid-block conv resnets as uncovered blocks
     "dreamlite_unet",
 }
 

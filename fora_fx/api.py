@@ -102,7 +102,17 @@ class ForaModule(torch.nn.Module):
 
     def _guarded(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:
-            return self._fora_compiled(*args, **kwargs)
+            try:
+                return self._fora_compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                # Dynamo keeps one cache per code object: every model of this class (and
+                # every input shape; diffusers' shared peft `wrapper` for every model class)
+                # compiled in this process counts toward recompile_limit (8), though this
+                # model only needs an entry per input shape. Raise the limit for this call
+                # only, rather than fail or silently fall back to eager.
+                limit = max(torch._dynamo.config.recompile_limit, 64)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return self._fora_compiled(*args, **kwargs)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             # fullgraph=True: Dynamo hit a break, or a size it cannot guard on (HunyuanImage
             # 2.1 reorders each sample's tokens with boolean masks before attention)
@@ -113,14 +123,6 @@ class ForaModule(torch.nn.Module):
                 "Dynamo error below names the line; that code must change (e.g. no Python "
                 "branch on a tensor's value) before FORA can cache this model."
             ) from e
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            # Dynamo keeps one cache per code object: every model of this class (and every
-            # input shape) compiled in this process counts toward recompile_limit (8),
-            # though this model only needs an entry per input shape. Raise the limit for
-            # this call only, rather than fail or silently fall back to eager.
-            limit = max(torch._dynamo.config.recompile_limit, 64)
-            with torch._dynamo.config.patch(recompile_limit=limit):
-                return self._fora_compiled(*args, **kwargs)
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:

@@ -94,6 +94,26 @@ def test_graph_break_under_transform_names_the_model_and_keeps_dynamos_error():
     assert isinstance(info.value.__cause__, torch._dynamo.exc.Unsupported)
 
 
+class BreaksSometimes(toy.Toy):
+    def forward(self, x, t, brk=False):
+        y = super().forward(x, t)
+        if brk:
+            torch._dynamo.graph_break()
+        return y
+
+
+def test_graph_break_after_the_recompile_limit_is_the_same_clear_error():
+    # The break is met on the retry with a raised limit (every diffusers model shares one
+    # peft `wrapper` frame, which fills the limit in a process with many models).
+    fast = fora_fx.transform(BreaksSometimes(), compiler="eager")
+    fast(*toy.inputs(1))
+    fora_fx.reset(fast)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.raises(RuntimeError, match="whole forward of BreaksSometimes") as info:
+            fast(*toy.inputs(1), brk=True)
+    assert isinstance(info.value.__cause__, torch._dynamo.exc.Unsupported)
+
+
 _FRESH = textwrap.dedent(
     """
     import sys, torch

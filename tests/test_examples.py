@@ -76,6 +76,20 @@ def test_video_probe_runs_and_names_what_is_not_supported():
     assert proc.stdout.strip().endswith("OK")
 
 
+def test_image_probe_runs_three_cases_this_repo_once_got_wrong():
+    # prx: an MLP computed inline in the block; nucleusmoe: a router's scatter_add_ with an
+    # unread result (its refresh step used to be wrong); ovis_image: a parallel block whose
+    # MLP input is torch.split off (its MLP half used to run on every step, unmentioned).
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "image_probe.py"),
+                           "prx", "nucleusmoe", "ovis_image"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("(exact: True)") == 3
+    assert "mlp_1          blocks.1.down_proj" in proc.stdout
+    assert "parallel_1" in proc.stdout and "not cached" not in proc.stdout
+    assert proc.stdout.strip().endswith("OK")
+
+
 def _probe():
     import importlib.util
 
