@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from . import direct, guards
-from .backend import backend
+from .backend import NoSitesError, backend
 from .capture import module_paths
 from .config import ForaConfig
 from .pipelines import is_pipeline, restore_pipeline, transform_pipeline, wrapped
@@ -55,12 +55,14 @@ class ForaModule(torch.nn.Module):
         self.__dict__["_fora_runtime"] = runtime
         self.__dict__["_fora_paths"] = paths
         self.__dict__["_fora_compiled"] = torch.compile(
-            model, backend=backend(config), fullgraph=True, dynamic=False
+            model, backend=backend(config), fullgraph=config.fullgraph, dynamic=False
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self._fora_runtime
         config = self._fora_config
+        if not config.fullgraph:
+            return self._piecewise(args, kwargs)
         # fora_fx/guards.py: when a call may skip Dynamo's guard evaluation; then
         # fora_fx/direct.py: when it may skip Dynamo's frame as well
         sig = guards.signature(args, kwargs) if config.skip_guards else None
@@ -97,6 +99,22 @@ class ForaModule(torch.nn.Module):
             )
         return out
 
+    def _piecewise(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A model call Dynamo may split into several graphs (ForaConfig.fullgraph=False):
+        always through Dynamo's frames, with one step decision for all of them."""
+        runtime = self._fora_runtime
+        with torch.no_grad(), active(runtime, self._fora_paths), runtime.piecewise():
+            out = self._guarded(args, kwargs)
+        if not any(p.sites for p in runtime.pairs):
+            located = [r for p in runtime.pairs for r in p.located.refused]
+            raise NoSitesError(
+                f"fora_fx found no attention or MLP site to cache in the graphs Dynamo "
+                f"captured of {type(self._fora_model).__name__} ({len(runtime.pairs)} "
+                "graph(s)):\n" + ("\n".join(f"  {r.module_path} ({r.kind}): {r.reason}"
+                                            for r in located) or "  (none found)")
+            )
+        return out
+
     def _fora_state(self) -> tuple:
         return guards.model_state(self._fora_model, self.__dict__.get("_fora_last_param"))
 
@@ -121,7 +139,9 @@ class ForaModule(torch.nn.Module):
                 f"fora_fx needs the whole forward of {type(self._fora_model).__name__} as one "
                 f"graph, and Dynamo cannot capture it in one (a graph break: {first}). The "
                 "Dynamo error below names the line; that code must change (e.g. no Python "
-                "branch on a tensor's value) before FORA can cache this model."
+                "branch on a tensor's value) before FORA can cache this model as one graph; "
+                "or transform it with fullgraph=False to cache the sites of the graphs "
+                "Dynamo does capture (slower per step: Python between the graphs)."
             ) from e
 
     @contextlib.contextmanager

@@ -8,7 +8,8 @@ registers it, guarded so that both paths work in either order (DESIGN.md section
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +31,9 @@ from .passes import (
     stack_names,
     verify,
 )
-from .runtime import BufferSpec, CompiledPair, active_paths
+from .runtime import BufferSpec, CompiledPair, active_paths, active_runtime
+
+_BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")  # "blocks.3.attn" -> "blocks.3"
 
 
 class NoSitesError(ValueError):
@@ -59,8 +62,9 @@ def build_pair(
     example_inputs: Sequence[Any],
     config: ForaConfig,
     module_paths: Mapping[str, str] | None = None,
+    attention_blocks: Collection[str] = (),
 ) -> CompiledPair:
-    located = locate(gm, module_paths, config.sites)
+    located = locate(gm, module_paths, config.sites, attention_blocks)
     sites = []
     for s in located.sites:
         pattern = config.excluded_by(s.module_path)
@@ -69,6 +73,9 @@ def build_pair(
         elif s.kind in config.sites:
             sites.append(s)
     if not sites:
+        if not config.fullgraph:  # one piece of a piecewise model: it runs as it is
+            plain = compile_variant(gm, example_inputs, config)
+            return CompiledPair(config, plain, plain, [], located, [], {}, None)
         raise NoSitesError(
             "fora_fx found no attention or MLP site to cache in this model:\n"
             + describe_refusals(located, config)
@@ -164,8 +171,21 @@ class ForaBackend:
         self.config = config
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> CompiledPair:
-        _check_single_graph(gm)
-        pair = build_pair(gm, example_inputs, self.config, active_paths())
+        blocks: set[str] = set()
+        if self.config.fullgraph:
+            _check_single_graph(gm)
+        else:
+            runtime = active_runtime()
+            if runtime is None:
+                raise ValueError(
+                    "ForaConfig(fullgraph=False) works through fora_fx.transform only, which "
+                    "decides each model call's step once for all of its graphs; "
+                    "torch.compile(backend='fora') sees graphs, not model calls"
+                )
+            # Graphs run in order: the blocks whose attention an earlier graph caches.
+            blocks = {m.group(1) for p in runtime.pairs for s in p.sites
+                      if s.kind != "mlp" and (m := _BLOCK_PREFIX.match(s.module_path))}
+        pair = build_pair(gm, example_inputs, self.config, active_paths(), blocks)
         pair.frame_effects = frame_effects()
         return pair
 

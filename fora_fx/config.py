@@ -57,6 +57,13 @@ class ForaConfig:
                    graphs with the inputs recorded at the generation's first call
                    (fora_fx/direct.py). Declined, per graph, where the frame does more
                    (a Python side effect). Takes effect only with skip_guards.
+    fullgraph:     True: the model's forward must be one graph, and a graph break raises
+                   (naming the model and Dynamo's reason). False (through `transform`
+                   only): a model whose own code Dynamo cannot capture in one graph is
+                   cached piecewise: each graph Dynamo captures has its sites cached, the
+                   code between graphs runs eagerly every call, and the step is decided
+                   once per model call. Slower per step than one graph (Python between
+                   graphs, no single CUDA graph); skip_guards and direct_calls do not apply.
     reuse_fusion_limit: the most distinct buffers one fused kernel of the reuse graph may
                    read or write (Inductor's max_fusion_unique_io_buffers, for that compile
                    only). Keeps Inductor from fusing the whole cached residual chain into
@@ -75,6 +82,7 @@ class ForaConfig:
     batch_blocks: bool = True
     skip_guards: bool = True
     direct_calls: bool = True
+    fullgraph: bool = True
     reuse_fusion_limit: int | None = 16
 
     def __post_init__(self) -> None:
@@ -113,6 +121,8 @@ class ForaConfig:
             raise TypeError(f"ForaConfig.skip_guards must be a bool, got {self.skip_guards!r}")
         if not isinstance(self.direct_calls, bool):
             raise TypeError(f"ForaConfig.direct_calls must be a bool, got {self.direct_calls!r}")
+        if not isinstance(self.fullgraph, bool):
+            raise TypeError(f"ForaConfig.fullgraph must be a bool, got {self.fullgraph!r}")
         if self.reuse_fusion_limit is not None:
             _require_int("reuse_fusion_limit", self.reuse_fusion_limit, 2)
         if self.mode not in MODES:

@@ -96,6 +96,9 @@ class Stats:
     direct: int = 0  # of those, calls that also skipped Dynamo's frame (fora_fx/direct.py)
 
 
+PieceKey = tuple["CompiledPair", tuple[int, ...], int]
+
+
 @dataclass
 class Branch:
     """Cache state of one guidance branch (e.g. "cond" / "uncond" calls within a step)."""
@@ -103,9 +106,37 @@ class Branch:
     owner: CompiledPair | None = None  # whose buffers hold this generation's cache
     buffers: dict[CompiledPair, list[torch.Tensor]] = field(default_factory=dict)
     calls: int = 0  # calls in this generation: the step index when nothing else says
+    # Piecewise calls (ForaConfig.fullgraph=False, several graphs per model call): the
+    # scheduled refreshes so far, and for each graph the one its cache was last filled in.
+    # A graph may run several times in one call (Dynamo compiles a block's forward once and
+    # runs it for every block), so a piece's cache is keyed by (graph, the parameters it was
+    # called with, occurrence): `PieceKey`.
+    period: int = 0
+    pieces: dict[PieceKey, list[torch.Tensor]] = field(default_factory=dict)
+    filled: dict[PieceKey, int] = field(default_factory=dict)
+
+    def invalidate(self) -> None:
+        self.owner = None
+        self.filled.clear()
 
 
 DEFAULT_BRANCH = "default"
+
+
+@dataclass
+class _Piece:
+    """A piecewise model call under way: its branch, whether some graph recomputed, and how
+    often each (graph, parameters) ran so far."""
+
+    branch: Branch
+    refreshed: bool = False
+    seen: dict[tuple, int] = field(default_factory=dict)
+
+    def key(self, pair: CompiledPair, args: Sequence[Any]) -> PieceKey:
+        params = tuple(id(a) for a in args if isinstance(a, torch.nn.Parameter))
+        occurrence = self.seen.get((pair, params), 0)
+        self.seen[(pair, params)] = occurrence + 1
+        return pair, params, occurrence
 
 
 class Runtime:
@@ -126,9 +157,10 @@ class Runtime:
         self.stats = Stats()
         self._token: object = None  # the source's generation marker
         self._step_key: int | None = None  # step index of the previous call
-        self._stacks: dict[tuple[CompiledPair, tuple[int, ...]], torch.Tensor] = {}
+        self._stacks: dict[tuple[Any, tuple[int, ...]], torch.Tensor] = {}  # (pair or piece)
         self._calls_this_step = 0
         self._lock = threading.Lock()
+        self._piece: _Piece | None = None  # set during a piecewise call
 
     @property
     def step(self) -> int:
@@ -141,6 +173,7 @@ class Runtime:
         seen: dict[CompiledPair, None] = {}
         for branch in self.branches.values():
             seen.update(dict.fromkeys(branch.buffers))
+            seen.update(dict.fromkeys(k[0] for k in branch.pieces))
         return list(seen)
 
     @property
@@ -148,7 +181,7 @@ class Runtime:
         return sum(
             b.numel() * b.element_size()
             for branch in self.branches.values()
-            for bufs in branch.buffers.values()
+            for bufs in [*branch.buffers.values(), *branch.pieces.values()]
             for b in bufs
         )
 
@@ -176,7 +209,7 @@ class Runtime:
             branch = self.branches[name] = Branch()
         return branch, (step if step is not None else branch.calls), num_steps
 
-    def run(self, pair: CompiledPair, args: Sequence[Any]) -> Any:
+    def _enter(self) -> None:
         if self.released:
             raise RuntimeError("fora_fx: this model's cache was released by fora_fx.restore")
         # One step at a time: two threads interleaving steps would corrupt both schedules.
@@ -186,6 +219,50 @@ class Runtime:
                 "(another thread?). FORA state is per generation; use one transformed model "
                 "per thread (fora_fx.transform each copy)."
             )
+
+    @contextlib.contextmanager
+    def piecewise(self) -> Iterator[None]:
+        """One model call whose forward Dynamo captured as several graphs (graph breaks;
+        ForaConfig.fullgraph=False): the step is decided once, for every graph of the call,
+        and advances once. On a scheduled refresh every graph recomputes; otherwise a graph
+        reuses its cache if it was filled since the last scheduled refresh (a graph met for
+        the first time, or after new shapes, recomputes)."""
+        self._enter()
+        branch: Branch | None = None
+        try:
+            branch, step, num_steps = self._position()
+            refresh = self.config.refreshes(step, num_steps)
+            branch.period += refresh
+            self._piece = _Piece(branch)
+            yield
+        except BaseException:
+            if branch is not None:
+                branch.invalidate()
+            raise
+        else:
+            self._advance(branch, refresh or self._piece.refreshed, num_steps)
+        finally:
+            self._piece = None
+            self._lock.release()
+
+    def _run_piece(self, piece: _Piece, pair: CompiledPair, args: Sequence[Any]) -> Any:
+        branch = piece.branch
+        key = piece.key(pair, args)
+        buffers = branch.pieces.get(key)
+        if buffers is None:
+            buffers = branch.pieces[key] = [s.allocate() for s in pair.specs]
+        if branch.filled.get(key) == branch.period:
+            return pair.reuse(*args, *buffers, *self._stack_inputs(pair, "reuse", args, key))
+        branch.filled.pop(key, None)
+        out = pair.refresh(*args, *buffers, *self._stack_inputs(pair, "refresh", args, key))
+        branch.filled[key] = branch.period
+        piece.refreshed = True
+        return out
+
+    def run(self, pair: CompiledPair, args: Sequence[Any]) -> Any:
+        if self._piece is not None:
+            return self._run_piece(self._piece, pair, args)
+        self._enter()
         branch: Branch | None = None
         try:
             branch, step, num_steps = self._position()
@@ -202,7 +279,7 @@ class Runtime:
                 out = pair.reuse(*args, *buffers, *self._stack_inputs(pair, "reuse", args))
         except BaseException:
             if branch is not None:
-                branch.owner = None
+                branch.invalidate()
             raise
         else:
             self._advance(branch, refresh, num_steps)
@@ -210,7 +287,9 @@ class Runtime:
             self._lock.release()
         return out
 
-    def _stack_inputs(self, pair: CompiledPair, variant: str, args: Sequence[Any]) -> list:
+    def _stack_inputs(
+        self, pair: CompiledPair, variant: str, args: Sequence[Any], key: Any = None
+    ) -> list:
         """The stacked parameters a variant reads (fora_fx/stacks.py).
 
         Every refresh call, which every generation starts with, asks `stacks.stack` for all of
@@ -221,10 +300,11 @@ class Runtime:
         groups = pair.stack_groups[variant]
         if not groups:
             return []
-        if variant == "refresh" or (pair, groups[0]) not in self._stacks:
+        key = pair if key is None else key
+        if variant == "refresh" or (key, groups[0]) not in self._stacks:
             for g in dict.fromkeys(g for gs in pair.stack_groups.values() for g in gs):
-                self._stacks[(pair, g)] = stacks.stack([args[i] for i in g])
-        return [self._stacks[(pair, g)] for g in groups]
+                self._stacks[(key, g)] = stacks.stack([args[i] for i in g])
+        return [self._stacks[(key, g)] for g in groups]
 
     def _advance(self, branch: Branch, refreshed: bool, num_steps: int | None) -> None:
         s = self.stats
@@ -235,7 +315,8 @@ class Runtime:
         del s.history[:-4096]
         branch.calls += 1
         if self.source is None and num_steps is not None and branch.calls >= num_steps:
-            branch.calls, branch.owner = 0, None  # counted steps wrap: a new generation
+            branch.calls = 0  # counted steps wrap: a new generation
+            branch.invalidate()
 
     def continuing(self) -> bool:
         """True iff the next call continues a generation under way (is not its first call).
@@ -255,7 +336,8 @@ class Runtime:
     def reset(self) -> None:
         """The next call is step 0 of a new generation; no cached value is read again."""
         for branch in self.branches.values():
-            branch.calls, branch.owner = 0, None
+            branch.calls = 0
+            branch.invalidate()
         self._step_key, self._calls_this_step = None, 0
 
     def release(self) -> None:
@@ -283,6 +365,10 @@ def active(runtime: Runtime, paths: Mapping[str, str]) -> Iterator[None]:
 
 def active_paths() -> Mapping[str, str] | None:
     return getattr(_active, "paths", None)
+
+
+def active_runtime() -> Runtime | None:
+    return getattr(_active, "runtime", None)
 
 
 # Runtimes of models compiled by name (torch.compile(m, backend="fora")), keyed by one of the

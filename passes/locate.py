@@ -20,7 +20,7 @@ A candidate is refused (with a reason) when caching it would not be FORA: passes
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from torch.fx import GraphModule, Node
 
@@ -122,11 +122,15 @@ def locate(
     gm: GraphModule,
     paths: Mapping[str, str] | None = None,
     kinds: Sequence[str] = ("attn", "cross_attn", "mlp", "parallel"),
+    attention_blocks: Collection[str] = (),
 ) -> LocateResult:
     """Finds cache sites in `gm`. `paths` maps str(id(module)) -> qualified name, if known.
 
     With "parallel" in `kinds`, a parallel block's fused attention + MLP output is one site
     and its attention is not a site of its own; without it, only the attention is cached.
+    `attention_blocks`: blocks ("blocks.3") whose attention another graph of the same model
+    holds (a model Dynamo captures piecewise): an MLP inside them reads the token stream
+    although no attention precedes it in this graph.
     """
     g = _Graph(gm, paths)
     result = LocateResult()
@@ -173,10 +177,11 @@ def locate(
         if found is None:
             continue
         firsts, between = found
-        if not (all(l1 in stream for l1 in firsts) or firsts[0].args[0] in attn_inputs):
-            continue
         key = g.lca_key(l2, *firsts)
         if key is None:
+            continue
+        if not (all(l1 in stream for l1 in firsts) or firsts[0].args[0] in attn_inputs
+                or any(g.path(key).startswith(b + ".") for b in attention_blocks)):
             continue
         if key in candidates and candidates[key][0] != "mlp":
             result.refused.append(

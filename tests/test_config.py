@@ -26,6 +26,7 @@ from fora_fx import ForaConfig
         ({"mode": "fast"}, "mode must be one of"),
         ({"exclude": ("blocks.0.*", 3)}, "exclude must be a tuple of module-path patterns"),
         ({"exclude": ("",)}, "exclude must be a tuple of module-path patterns"),
+        ({"fullgraph": "no"}, "fullgraph must be a bool"),
     ],
 )
 def test_invalid_values_say_what_is_valid(kwargs, match):
