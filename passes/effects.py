@@ -120,13 +120,19 @@ def mutated_arg(node: Node) -> Node | None:
         if node.target is operator.setitem or node.target in _INPLACE_OPERATORS:
             return first
         name = getattr(node.target, "__name__", "")
-        if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.endswith("__")):
+        # operator.and_ / or_ are `a & b` / `a | b`, not writes (HunyuanVideo 1.5's mask)
+        trailing = name.endswith("_") and not name.endswith("__") and not _is_operator(node)
+        if node.kwargs.get("inplace") is True or trailing:
             return first
     elif node.op == "call_method":
         name = str(node.target)
         if name.endswith("_") and not name.endswith("__") and name != "requires_grad_":
             return first
     return None
+
+
+def _is_operator(node: Node) -> bool:
+    return getattr(operator, getattr(node.target, "__name__", ""), None) is node.target
 
 
 def fresh_base(node: Node) -> Node | None:

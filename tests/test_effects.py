@@ -172,3 +172,10 @@ def test_in_place_method_writes_survive_dead_code_removal(batch_blocks):
     for g, e in zip(got[1:], expected[1:], strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert len(fora_fx.explain(fast).sites) == 4
+
+
+def test_operator_and_is_not_an_in_place_write():
+    gm = torch.fx.symbolic_trace(lambda a, b: (a & b) | a)
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in ops] == [operator.and_, operator.or_]
+    assert [mutated_arg(n) for n in ops] == [None, None]
