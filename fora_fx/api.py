@@ -75,6 +75,7 @@ class ForaModule(torch.nn.Module):
         if call is not None and not call.valid():
             call, repeats = None, False  # a tensor attribute was reassigned: through Dynamo
         stance = guards.unguarded() if repeats and call is None else None
+        runs = runtime.stats.calls
         with torch.no_grad(), active(runtime, self._fora_paths):
             if call is not None:
                 out = call(args, kwargs)
@@ -85,6 +86,8 @@ class ForaModule(torch.nn.Module):
             else:
                 with direct.recording() as records:
                     out = self._guarded(args, kwargs)
+        if runtime.stats.calls - runs != 1:
+            self._split_forward(runtime.stats.calls - runs)
         if call is not None or stance is not None:
             runtime.stats.unguarded += 1
         elif sig is not None:  # what the next call must repeat to skip the guards (after
@@ -98,6 +101,23 @@ class ForaModule(torch.nn.Module):
                 if config.direct_calls and skippable else None
             )
         return out
+
+    def _split_forward(self, graphs: int) -> None:
+        """fullgraph=True, yet this call ran `graphs` FORA graphs, not one: Dynamo skipped the
+        model's own frame and compiled the frames it calls. It does so for the rest of the
+        process once it met a graph break it could not resume from in that code (a
+        fullgraph=False transform, or a torch.compile without fullgraph, of a model with
+        the same code: diffusers models share their `apply_lora_scale` wrapper). Each graph
+        would count as a step: refuse rather than cache on a wrong schedule."""
+        self._fora_runtime.reset()
+        raise RuntimeError(
+            f"fora_fx: one call of {type(self._fora_model).__name__} ran {graphs} FORA graphs "
+            "instead of one whole-forward graph: Dynamo is skipping the model's own frame, "
+            "which it does for the rest of a process after a graph break it cannot resume "
+            "from in the same code (an earlier fullgraph=False transform, or torch.compile "
+            "without fullgraph, of a model sharing this code). Call torch._dynamo.reset() "
+            "before transforming this model, or transform it with fullgraph=False too."
+        )
 
     def _piecewise(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """A model call Dynamo may split into several graphs (ForaConfig.fullgraph=False):

@@ -54,6 +54,14 @@ class _Broken(nn.Module):
 SITES = [f"blocks.{i}.{s}" for i in range(3) for s in ("attn", "mlp")]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # A graph break Dynamo cannot resume from makes it skip that code for the whole process
+    # (see test_a_whole_forward_skipped_by_dynamo_is_refused): leave none for other tests.
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("break_inside", [False, True])
 def test_piecewise_equals_the_eager_reference(break_inside):
     torch.manual_seed(0)
@@ -107,3 +115,30 @@ def test_piecewise_without_any_site_raises():
     fast = fora_fx.transform(_NoSites().eval(), compiler="eager", fullgraph=False)
     with pytest.raises(fora_fx.NoSitesError, match="2 graph"):
         fast(torch.randn(2, 5, 16))
+
+
+class _LoopBroken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(False) for _ in range(2)])
+
+    def forward(self, x, t):
+        for block in self.blocks:
+            x = block(x, t)
+            torch._dynamo.graph_break()  # in a loop: Dynamo skips this frame from now on
+        return x
+
+
+def test_a_whole_forward_skipped_by_dynamo_is_refused():
+    x, t = torch.randn(2, 5, 16), torch.full((2,), 999.0)
+    torch.manual_seed(0)
+    piecewise = fora_fx.transform(_LoopBroken().eval(), compiler="eager", fullgraph=False)
+    piecewise(x, t)
+    # Now Dynamo runs _LoopBroken.forward eagerly and compiles each block's frame: under
+    # fullgraph=True every block would count as a step of its own.
+    fast = fora_fx.transform(_LoopBroken().eval(), compiler="eager")
+    with pytest.raises(RuntimeError, match=r"ran 2 FORA graphs .* torch._dynamo.reset\(\)"):
+        fast(x, t)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="fullgraph=False"):  # the plain graph-break error
+        fast(x, t)
