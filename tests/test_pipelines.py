@@ -34,8 +34,9 @@ def test_interval_1_equals_untransformed_pipeline(name):
     fora_fx.restore(pipe)
 
 
-@pytest.mark.parametrize("name", sorted(PIPES))
-def test_interval_3_equals_eager_reference(name):
+@pytest.mark.parametrize("name, fullgraph", [(n, True) for n in sorted(PIPES)]
+                         + [("sd3_slg", False)])  # piecewise: two calls per step
+def test_interval_3_equals_eager_reference(name, fullgraph):
     case = make_pipe(name)
     plain = _run(case.pipe, case, seeds=SEEDS[:1])
 
@@ -44,7 +45,7 @@ def test_interval_3_equals_eager_reference(name):
     ref_log = list(ref.log)
     ref.remove()
 
-    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager", fullgraph=fullgraph)
     got = _run(pipe, case)
     runtime = pipe.transformer._fora_runtime
     fora_fx.restore(pipe)
