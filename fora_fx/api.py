@@ -13,8 +13,9 @@ from . import direct, guards
 from .backend import NoSitesError, backend
 from .capture import module_paths
 from .config import ForaConfig
+from .dispatch import active, runtimes_of
 from .pipelines import is_pipeline, restore_pipeline, transform_pipeline, wrapped
-from .runtime import Runtime, active, runtimes_of
+from .runtime import Runtime
 from .steps import PipelineSteps
 
 # nn.Module methods that must act on the wrapped model, so the wrapper is a drop-in:

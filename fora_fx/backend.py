@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from .compile import compile_variant, fusion_limit_patches, store_placement_patches
 from .config import ForaConfig
 from .direct import frame_effects
+from .dispatch import BufferSpec, CompiledPair, active_paths, active_runtime
 from .passes import (
     LocateResult,
     Refusal,
@@ -31,7 +32,6 @@ from .passes import (
     stack_names,
     verify,
 )
-from .runtime import BufferSpec, CompiledPair, active_paths, active_runtime
 
 _BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")  # "blocks.3.attn" -> "blocks.3"
 

@@ -60,7 +60,7 @@ Path = tuple[Any, ...]
 class DirectCall:
     """Replays one Dynamo frame: gathers the pair's inputs, calls it, rebuilds the output."""
 
-    pair: Any  # runtime.CompiledPair (not imported: runtime imports this module's user)
+    pair: Any  # dispatch.CompiledPair (not imported: dispatch imports this module)
     template: tuple[Any, ...]  # the recorded flat inputs; argument slots are overwritten
     slots: tuple[tuple[int, Path], ...]  # (flat index, where in the call's arguments)
     leaves: tuple[tuple[bool, Any], ...]  # (True, pair output index) or (False, constant)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .api import ForaModule, reset, runtimes
+from .dispatch import CompiledPair
 from .passes import Batched, Refusal, Site
-from .runtime import CompiledPair
 
 
 @dataclass
