@@ -29,6 +29,7 @@ from .paths import module_stack, normalize_path
 from .patterns import (
     attention_qk,
     is_attention_core,
+    is_expert_projection,
     is_linear,
     is_parameter,
     is_projection,
@@ -193,12 +194,19 @@ def locate(
                            set(g.regions[key]))
         chains.setdefault(key, []).append((l2, {l2, *firsts}, {l2, *firsts} | between))
 
+    merged = _merge_mlps(g, candidates, set(attn_cores))
+
     accepted: list[tuple[str, str, set[Node], list[Node]]] = []
     for key, (kind, cores, region) in candidates.items():
         if kind not in kinds:
             continue
         if kind != "mlp":  # every token product of an attention is part of its core
             cores = cores | {n for n in region if is_token_product(n)}
+        elif key not in merged and any(is_expert_projection(n) for n in cores):
+            result.refused.append(Refusal(g.path(key), kind, (
+                "routed experts, cacheable only as the whole mixture-of-experts module "
+                "(the router picks other tokens every step), which cannot be cached")))
+            continue
         outputs, reason = check_region(g.nodes, g.order, region, cores)
         if reason is None:
             accepted.append((key, kind, region, outputs))
@@ -242,6 +250,39 @@ def locate(
         )
     result.uncovered = uncovered_blocks(g.nodes, g.paths, result.sites, result.refused)
     return result
+
+
+def _merge_mlps(
+    g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]], attn_cores: set[Node]
+) -> set[str]:
+    """MLPs whose parent module holds nothing but MLPs and what routes between them (a
+    mixture of experts: NucleusMoE's `img_mlp` runs a router, its routed `experts` and a
+    `shared_expert`) become one site, the parent: FORA caches the feed-forward's output per
+    token. Caching the experts alone would replay each expert's rows for the tokens it was
+    routed at the refresh step, scattered to whichever tokens the router picks now. Taken
+    only when the parent itself may be cached (passes/regions.py) and runs no attention.
+    Returns the merged parents' keys."""
+    merged: set[str] = set()
+    parents: dict[str, list[str]] = {}
+    for key, (kind, _, region) in candidates.items():
+        if kind != "mlp":
+            continue
+        stack = [k for k, _ in module_stack(next(iter(region)))]
+        if key in stack and stack.index(key) > 0:
+            parents.setdefault(stack[stack.index(key) - 1], []).append(key)
+    for parent, children in parents.items():
+        region = set(g.regions[parent])
+        own = candidates.get(parent)  # experts computed inline in the parent
+        if (own is not None and own[0] != "mlp") or region & attn_cores:
+            continue
+        cores = set().union(*(candidates[c][1] for c in children), own[1] if own else ())
+        if check_region(g.nodes, g.order, region, cores)[1] is not None:
+            continue
+        for c in children:
+            del candidates[c]
+        candidates[parent] = ("mlp", cores, region)
+        merged.add(parent)
+    return merged
 
 
 def _inline_mlps(

@@ -68,7 +68,27 @@ def is_token_product(node: Node) -> bool:
     if not _matches(node, _MATMUL):
         return False
     ops = _operands(node)
-    return len(ops) == 2 and not any(is_parameter(a) for a in ops)
+    return len(ops) == 2 and not any(_is_weight(a) for a in ops)
+
+
+def _is_weight(node: Node) -> bool:
+    """A parameter, or one expert's slice of a stacked one (NucleusMoE's routed experts
+    compute `x @ self.gate_up_proj[expert_idx]`)."""
+    if is_parameter(node):
+        return True
+    return (
+        _matches(node, {operator.getitem, torch.select, "select"})
+        and isinstance(node.args[0], Node)
+        and is_parameter(node.args[0])
+    )
+
+
+def _is_weight_product(node: Node) -> bool:
+    """x @ W: a projection written as a matmul with a weight (or an expert's slice of one)."""
+    if not _matches(node, _MATMUL):
+        return False
+    ops = _operands(node)
+    return len(ops) == 2 and _is_weight(ops[1]) and not _is_weight(ops[0])
 
 
 _VIEWS = {"transpose", "permute", "float", "to", "contiguous", "reshape", "view", "flatten",
@@ -100,9 +120,15 @@ def is_linear(node: Node) -> bool:
 _CONV = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 
 
+def is_expert_projection(node: Node) -> bool:
+    """x @ W[e]: one expert's projection in a mixture of experts."""
+    return _is_weight_product(node) and not is_parameter(_operands(node)[1])
+
+
 def is_projection(node: Node) -> bool:
-    """A Linear, or a convolution (an MLP's projection over a token grid)."""
-    return _matches(node, _LINEAR) or _matches(node, _CONV)
+    """A Linear, a convolution (an MLP's projection over a token grid), or a matmul with a
+    weight (MoE experts)."""
+    return _matches(node, _LINEAR) or _matches(node, _CONV) or _is_weight_product(node)
 
 
 def is_parameter(node: Node) -> bool:

@@ -112,6 +112,7 @@ def _core_free_terms(
         ins = [
             0 if is_parameter(a) else state.get(a, 0) if a in region else _FREE
             for a in data_inputs(n)
+            if _carries_values(a)
         ]
         s = 0
         for x in ins:
@@ -125,6 +126,14 @@ def _core_free_terms(
             for a in aliases_of(writes[n], region):
                 state[a] = state.get(a, 0) | s
     return {n: bool(x & _FREE) for n, x in state.items()}
+
+
+def _carries_values(node: Node) -> bool:
+    """Whether `node`'s values can be a term of a float result: integer and boolean tensors
+    (indices, masks) only select where values go (NucleusMoE scatters its experts' rows to
+    the tokens its router picked with `out.scatter_add(0, idx, rows)`)."""
+    val = node.meta.get("example_value")
+    return not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex()
 
 
 _ADDS = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, torch.addcmul,

@@ -399,3 +399,83 @@ def test_an_mlp_computed_inline_in_a_block_is_cached():
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert not torch.equal(got[1], inline(xs[1]))  # the reuse step did reuse
+
+
+class _Moe(nn.Module):
+    """Expert-choice mixture of experts in NucleusMoE's style: a router picks each expert's
+    top tokens, experts are slices of stacked weights, a shared expert sees every token, and
+    the routed rows are scattered back. `inner_residual` adds the input inside (uncacheable)."""
+
+    def __init__(self, inner_residual: bool = False):
+        super().__init__()
+        self.inner_residual = inner_residual
+        self.router = nn.Linear(16, 2)
+        self.gate_up = nn.Parameter(torch.randn(2, 16, 64) * 0.2)
+        self.down = nn.Parameter(torch.randn(2, 32, 16) * 0.2)
+        self.shared = _Mlp()
+
+    def forward(self, x):
+        b, n, d = x.shape
+        scores = torch.sigmoid(self.router(x)).transpose(1, 2)  # (B, E, N)
+        top = torch.topk(scores, k=3, dim=-1)
+        idx = (torch.arange(b).view(b, 1, 1) * n + top.indices).transpose(0, 1).reshape(2, -1)
+        rows = x.reshape(b * n, d)[idx.reshape(-1)].reshape(2, -1, d)
+        outs = []
+        for e in range(2):
+            gate, up = (rows[e] @ self.gate_up[e]).chunk(2, dim=-1)
+            outs.append((torch.nn.functional.silu(gate) * up) @ self.down[e])
+        routed = torch.cat(outs) * top.values.transpose(0, 1).reshape(-1, 1)
+        out = self.shared(x).reshape(b * n, d)
+        out = out.scatter_add(0, idx.reshape(-1, 1).expand(-1, d), routed).reshape(b, n, d)
+        return out + x if self.inner_residual else out
+
+
+class _MoeBlock(nn.Module):
+    def __init__(self, inner_residual: bool):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn, self.moe = Attention(16, heads=2, dim_head=8), _Moe(inner_residual)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + 0.5 * self.moe(x)
+
+
+class _MoeModel(nn.Module):
+    def __init__(self, inner_residual: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList([_MoeBlock(inner_residual) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_mixture_of_experts_is_cached_whole_never_its_experts_alone():
+    from reference import EagerFora
+
+    torch.manual_seed(0)
+    model = _MoeModel().eval()
+    xs = [torch.randn(2, 5, 16) for _ in range(4)]
+    gm, _ = capture(model, xs[0])
+    result = locate(gm, module_paths(model))
+    assert [(s.module_path, s.kind) for s in result.sites] == [
+        ("blocks.0.attn", "attn"), ("blocks.0.moe", "mlp"),
+        ("blocks.1.attn", "attn"), ("blocks.1.moe", "mlp")]
+    with torch.no_grad():
+        ref = EagerFora(model, [s.module_path for s in result.sites], interval=3)
+        expected = [ref(x) for x in xs]
+        ref.remove()
+        fast = fora_fx.transform(model, interval=3, compiler="eager")
+        got = [fast(x) for x in xs]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # The MoE adds its input back inside: not cacheable, and neither are its experts alone
+    # (their rows belong to the tokens routed at the refresh step); the shared expert is.
+    gm, _ = capture(_MoeModel(inner_residual=True).eval(), xs[0])
+    result = locate(gm)
+    assert [s.module_path for s in result.sites] == [
+        "blocks.0.attn", "blocks.0.moe.shared", "blocks.1.attn", "blocks.1.moe.shared"]
+    assert any("routed experts" in r.reason for r in result.refused)
