@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ class Explanation:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     uncovered: list[str] = field(default_factory=list)  # repeated blocks with no candidate
+    # fullgraph=False: sites whose graph runs several times per call (a block's own frame,
+    # run for every block, each run with its own cache) -> runs per call
+    runs: dict[str, int] = field(default_factory=dict)
     cache_bytes: int = 0
     pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
     batched: dict[str, list[Batched]] = field(default_factory=dict)  # first graph's, by variant
@@ -42,8 +46,11 @@ class Explanation:
         w = max((len(s.module_path) for s in self.sites), default=10)
         for s in self.sites:
             shapes = ", ".join("x".join(map(str, sh)) for sh in s.shapes)
+            count = self.runs.get(s.module_path, 1)
             lines.append(
                 f"  {s.name:<14} {s.module_path:<{w}}  {s.kind:<10} [{shapes}] {s.nbytes} B"
+                + (f"  (its graph runs {count}x per call, one cache each: the same code in "
+                   f"{count} blocks)" if count > 1 else "")
             )
         if self.pruned:
             lines.append(f"reuse graph: {self.pruned} chunked Linear(s) narrowed to live chunks")
@@ -122,10 +129,18 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
             sites.setdefault(s.module_path, s)
         for r in p.located.refused:
             refused.setdefault((r.module_path, r.reason), r)
+    runs: dict[str, int] = {}
+    for rt in runtimes(obj):
+        for branch in rt.branches.values():
+            per_pair = Counter(key[0] for key in branch.pieces)
+            for p, n in per_pair.items():
+                for s in p.sites if n > 1 else ():
+                    runs[s.module_path] = max(runs.get(s.module_path, 1), n)
     pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
     return Explanation(
         sites=list(sites.values()),
         refused=list(refused.values()),
+        runs=runs,
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
         graphs_compiled=len(pairs),
         pruned=pair.pruned,

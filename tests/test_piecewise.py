@@ -85,6 +85,11 @@ def test_piecewise_equals_the_eager_reference(break_inside):
     # block keeps its own cache (6 sites' worth of buffers per branch).
     assert explanation.graphs_compiled >= 2
     assert explanation.cache_bytes == 6 * 2 * 5 * 16 * 4
+    if break_inside:  # every block runs the graphs Dynamo compiled from block 0's frame
+        assert explanation.runs == {"blocks.0.attn": 3, "blocks.0.mlp": 3}
+        assert "its graph runs 3x per call" in str(explanation)
+    else:
+        assert not explanation.runs
 
 
 def test_a_graph_break_says_how_to_cache_piecewise():
