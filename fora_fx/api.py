@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from . import direct, guards
-from .backend import NoSitesError, backend
+from .backend import NoSitesError, backend, describe_refusals
 from .capture import module_paths
 from .config import ForaConfig
 from .dispatch import active, runtimes_of
+from .passes import LocateResult
 from .pipelines import is_pipeline, restore_pipeline, transform_pipeline, wrapped
 from .runtime import Runtime
 from .steps import PipelineSteps
@@ -126,13 +127,14 @@ class ForaModule(torch.nn.Module):
         runtime = self._fora_runtime
         with torch.no_grad(), active(runtime, self._fora_paths), runtime.piecewise():
             out = self._guarded(args, kwargs)
-        if not any(p.sites for p in runtime.pairs):
-            located = [r for p in runtime.pairs for r in p.located.refused]
+        pairs = runtime.pairs
+        if not any(p.sites for p in pairs):
+            found = LocateResult(sites=[s for p in pairs for s in p.located.sites],
+                                 refused=[r for p in pairs for r in p.located.refused])
             raise NoSitesError(
                 f"fora_fx found no attention or MLP site to cache in the graphs Dynamo "
-                f"captured of {type(self._fora_model).__name__} ({len(runtime.pairs)} "
-                "graph(s)):\n" + ("\n".join(f"  {r.module_path} ({r.kind}): {r.reason}"
-                                            for r in located) or "  (none found)")
+                f"captured of {type(self._fora_model).__name__} ({len(pairs)} graph(s)):\n"
+                + describe_refusals(found, self._fora_config)
             )
         return out
 

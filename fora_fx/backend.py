@@ -8,7 +8,6 @@ registers it, guarded so that both paths work in either order (DESIGN.md section
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -27,13 +26,12 @@ from .passes import (
     elide_loads,
     locate,
     lower_stores,
+    outer_block,
     prune_chunked_linears,
     specialize,
     stack_names,
     verify,
 )
-
-_BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")  # "blocks.3.attn" -> "blocks.3"
 
 
 class NoSitesError(ValueError):
@@ -75,7 +73,8 @@ def build_pair(
     if not sites:
         if not config.fullgraph:  # one piece of a piecewise model: it runs as it is
             plain = compile_variant(gm, example_inputs, config)
-            return CompiledPair(config, plain, plain, [], located, [], {}, None)
+            return CompiledPair(config, refresh=plain, reuse=plain, specs=[], located=located,
+                                sites=[], graphs={}, param_index=None)
         raise NoSitesError(
             "fora_fx found no attention or MLP site to cache in this model:\n"
             + describe_refusals(located, config)
@@ -183,8 +182,8 @@ class ForaBackend:
                     "torch.compile(backend='fora') sees graphs, not model calls"
                 )
             # Graphs run in order: the blocks whose attention an earlier graph caches.
-            blocks = {m.group(1) for p in runtime.pairs for s in p.sites
-                      if s.kind != "mlp" and (m := _BLOCK_PREFIX.match(s.module_path))}
+            blocks = {b for p in runtime.pairs for s in p.sites
+                      if s.kind != "mlp" and (b := outer_block(s.module_path)) is not None}
         pair = build_pair(gm, example_inputs, self.config, active_paths(), blocks)
         pair.frame_effects = frame_effects()
         return pair

@@ -132,10 +132,10 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     runs: dict[str, int] = {}
     for rt in runtimes(obj):
         for branch in rt.branches.values():
-            per_pair = Counter(key[0] for key in branch.pieces)
-            for p, n in per_pair.items():
-                for s in p.sites if n > 1 else ():
-                    runs[s.module_path] = max(runs.get(s.module_path, 1), n)
+            for p, n in Counter(key[0] for key in branch.pieces).items():
+                if n > 1:
+                    runs.update({s.module_path: max(runs.get(s.module_path, 1), n)
+                                 for s in p.sites})
     pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
     return Explanation(
         sites=list(sites.values()),

@@ -25,7 +25,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from torch.fx import GraphModule, Node
 
 from .coverage import uncovered_blocks
-from .paths import module_stack, normalize_path
+from .paths import module_stack, normalize_path, outer_block
 from .patterns import (
     attention_qk,
     is_attention_core,
@@ -182,7 +182,7 @@ def locate(
         if key is None:
             continue
         if not (all(l1 in stream for l1 in firsts) or firsts[0].args[0] in attn_inputs
-                or any(g.path(key).startswith(b + ".") for b in attention_blocks)):
+                or outer_block(g.path(key)) in attention_blocks):
             continue
         if key in candidates and candidates[key][0] != "mlp":
             result.refused.append(

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from torch.fx import Node
 
 _BLOCK = re.compile(r"^(.*)\.(\d+)$")
+_OUTER_BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
 def module_stack(node: Node) -> list[tuple[str, str]]:
@@ -42,6 +43,12 @@ def block_key(node: Node, paths: Mapping[str, str]) -> tuple[str, int, str] | No
         if m:
             return m.group(1), int(m.group(2)), key
     return None
+
+
+def outer_block(path: str) -> str | None:
+    """The outermost numbered module of a module path: "blocks.3.attn.to_q" -> "blocks.3"."""
+    m = _OUTER_BLOCK.match(path + ".")
+    return m.group(1) if m else None
 
 
 def block_of(node: Node, paths: Mapping[str, str]) -> tuple[str, int] | None:

@@ -64,7 +64,8 @@ def check_region(
     # input back in (a residual inside the module); caching it would freeze the residual
     # stream on reuse steps. A core value *scaled* by one computed from the input (SanaWM's
     # gated attention, attn * silu(gate(x)); an inverse rotary embedding) has no such term.
-    leaked = [n.name for n in outputs if _core_free_terms(region, order, cores, writes).get(n)]
+    core_free = _core_free_terms(region, order, cores, writes)
+    leaked = [n.name for n in outputs if core_free.get(n)]
     if leaked:
         return outputs, (
             f"output {leaked[0]} depends on the module input outside the attention/MLP core "

@@ -13,6 +13,7 @@ from fora_fx.passes import (
     verify,
 )
 from torch import nn
+from toy import Mlp16 as _Mlp
 from zoo import CASES, make
 
 import fora_fx
@@ -140,15 +141,6 @@ def test_attention_with_inner_residual_is_refused_with_reason():
     assert "residual added inside the module" in result.refused[0].reason
     ok, _ = capture(ResidualAttnModel(residual=False), x)
     assert [s.module_path for s in locate(ok).sites] == ["attn"]
-
-
-class _Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
 class HeadModel(nn.Module):

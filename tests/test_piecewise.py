@@ -7,17 +7,9 @@ import pytest
 import torch
 from reference import EagerFora
 from torch import nn
+from toy import Mlp16 as _Mlp
 
 import fora_fx
-
-
-class _Mlp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
 class _Block(nn.Module):

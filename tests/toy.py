@@ -37,6 +37,17 @@ class ToyMlp(nn.Module):
         return self.fc2(F.relu(self.fc1(h)))
 
 
+class Mlp16(nn.Module):
+    """A 16 -> 32 -> 16 GELU MLP module: the feed-forward of the tests' hand-built blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 class Toy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
