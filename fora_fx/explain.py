@@ -17,6 +17,8 @@ class Explanation:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     uncovered: list[str] = field(default_factory=list)  # repeated blocks with no candidate
+    # modules of repeated blocks that compute on the token stream outside every site
+    uncached: list[str] = field(default_factory=list)
     # fullgraph=False: sites whose graph runs several times per call (a block's own frame,
     # run for every block, each run with its own cache) -> runs per call
     runs: dict[str, int] = field(default_factory=dict)
@@ -68,6 +70,11 @@ class Explanation:
                 "repeated blocks with no attention or MLP found (whatever mixes their tokens "
                 f"runs on every step): {_ranges(self.uncovered)}"
             )
+        if self.uncached:
+            lines.append(
+                "token-stream projections outside every attention / MLP found (they run on "
+                f"every step): {_ranges(self.uncached)}"
+            )
         if self.show_graphs:
             for name, code in self.graphs.items():
                 lines += [f"--- {name} graph ---", code]
@@ -75,16 +82,24 @@ class Explanation:
 
 
 def _ranges(paths: list[str]) -> str:
-    """["blocks.0", "blocks.1", "blocks.3"] -> "blocks.0-1, blocks.3"."""
-    runs: list[tuple[str, int, int]] = []
+    """["blocks.0", "blocks.1", "blocks.3"] -> "blocks.0-1, blocks.3";
+    ["blocks.1.attn", "blocks.2.attn"] -> "blocks.1-2.attn"."""
+    runs: list[tuple[str, int, int, str]] = []
     for path in paths:
-        container, _, idx = path.rpartition(".")
-        i = int(idx)
-        if runs and runs[-1][0] == container and runs[-1][2] == i - 1:
-            runs[-1] = (container, runs[-1][1], i)
+        m = re.match(r"^(.*?)\.(\d+)((?:\.\D[^.]*)*)$", path)
+        if m is None:
+            runs.append((path, -1, -1, ""))
+            continue
+        container, i, rest = m.group(1), int(m.group(2)), m.group(3)
+        last = runs[-1] if runs else None
+        if last and last[0] == container and last[3] == rest and last[2] == i - 1:
+            runs[-1] = (container, last[1], i, rest)
         else:
-            runs.append((container, i, i))
-    return ", ".join(f"{c}.{a}" + (f"-{b}" if b > a else "") for c, a, b in runs)
+            runs.append((container, i, i, rest))
+    return ", ".join(
+        c if a < 0 else f"{c}.{a}" + (f"-{b}" if b > a else "") + rest
+        for c, a, b, rest in runs
+    )
 
 
 def readable(code: str) -> str:
@@ -123,8 +138,10 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     sites: dict[str, Site] = {}
     refused: dict[tuple[str, str], Refusal] = {}
     uncovered: dict[str, None] = {}
+    uncached: dict[str, None] = {}
     for p in pairs:
         uncovered.update(dict.fromkeys(p.located.uncovered))
+        uncached.update(dict.fromkeys(p.located.uncached))
         for s in p.sites:
             sites.setdefault(s.module_path, s)
         for r in p.located.refused:
@@ -142,6 +159,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         refused=list(refused.values()),
         runs=runs,
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
+        uncached=[m for m in uncached if m not in sites],
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
         batched=pair.batched,

@@ -5,7 +5,9 @@ around another token mixer (a state-space scan, a mixer written inline without a
 its own) yields neither a site nor a refusal, and the model would run that block in full on
 every reuse step without a word. A run of same-class numbered modules (`blocks.0`, `blocks.1`,
 ...) is what a DiT's backbone looks like; when some of its blocks hold no site and no refused
-candidate, `explain` lists them.
+candidate, `explain` lists them. A block that holds a site can still hide another mixer (a
+gated-delta-net beside a cross-attention): `uncached_compute` lists the modules of repeated
+blocks whose projections read the token stream outside every candidate region.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Iterable, Mapping
 
 from torch.fx import Node
 
-from .paths import block_key, module_class
+from .paths import block_key, module_class, module_stack, normalize_path
+from .patterns import is_projection, is_token_product
 from .sites import Refusal, Site
 
 # A backbone block computes more than this many nodes; Sequential members of an embedder
@@ -54,3 +57,73 @@ def uncovered_blocks(
         if not any(p == prefix or p.startswith(prefix + ".") for p in covered):
             out.append(prefix)
     return out
+
+
+def downstream(start: Iterable[Node]) -> set[Node]:
+    """Every node that depends on one of `start` (not including `start` itself)."""
+    seen: set[Node] = set()
+    todo = list(start)
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def uncached_compute(
+    nodes: Iterable[Node],
+    paths: Mapping[str, str],
+    regions: Iterable[set[Node]],
+    skip: Iterable[str],
+    sites: Iterable[str] = (),
+) -> list[str]:
+    """Modules ("blocks.3.attn", or "blocks.3" for a block's own code) of repeated blocks
+    whose projections or token products read the token stream outside every candidate
+    region: what they compute runs in full on every reuse step, unmentioned otherwise.
+
+    The token stream is what descends from a candidate region inside a numbered block; the
+    conditioning (a timestep embedding feeding adaLN Linears, even one pooled by a cached
+    attention outside the blocks) does not, so it is never listed. The same module of
+    another block of the run is listed with it. `regions`: every candidate, cached or not
+    (a refused or deselected one is explained elsewhere); `skip`: module-path prefixes
+    already reported (refusals, blocks with no candidate at all). A module named like one of
+    `sites` (Lumina-Next runs `attn2.to_out` from its block, outside the cached `attn2`) is
+    named one level deeper ("layers.0.attn2.to_out").
+    """
+    regions = [r for r in regions if any(block_key(n, paths) for n in r)]
+    covered: set[Node] = set().union(*regions) if regions else set()
+    stream = downstream(n for r in regions for n in r if any(u not in r for u in n.users))
+    skip, sites = tuple(skip), set(sites)
+    # (container, child) -> {"blocks.3.attn": on the stream}
+    seen: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
+    for n in nodes:
+        if n in covered or not (is_projection(n) or is_token_product(n)):
+            continue
+        block = block_key(n, paths)
+        stack = module_stack(n)
+        if block is None or not stack:
+            continue
+        key, text = stack[-1]
+        path = paths.get(key.split("@")[0]) or normalize_path(text)
+        prefix = f"{block[0]}.{block[1]}"
+        where = prefix
+        if path.startswith(prefix + "."):
+            for part in path[len(prefix) + 1:].split("."):
+                where += "." + part
+                if where not in sites:
+                    break
+        child = where[len(prefix) + 1:]
+        if any(where == s or where.startswith(s + ".") or s.startswith(where + ".")
+               for s in skip):
+            continue
+        found = seen[(block[0], child)]
+        found[where] = found.get(where, False) or n in stream
+    # The first block of a run reads the stream before any candidate output reaches it; its
+    # module is listed when the same module of a later block in the run is.
+    out = [w for found in seen.values() if any(found.values()) for w in found]
+    return sorted(out, key=_block_order)
+
+
+def _block_order(path: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))

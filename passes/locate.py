@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from torch.fx import GraphModule, Node
 
-from .coverage import uncovered_blocks
+from .coverage import downstream, uncached_compute, uncovered_blocks
 from .paths import module_stack, normalize_path, outer_block
 from .patterns import (
     attention_qk,
@@ -77,18 +77,6 @@ class _Graph:
                 break
             common = level[0][0]
         return common
-
-
-def _downstream(start: Iterable[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    todo = list(start)
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
 
 
 def _region_sources(node: Node, region: set[Node]) -> set[Node]:
@@ -161,7 +149,7 @@ def locate(
     # An MLP of the token stream runs after some attention, or beside one on the same input
     # (Flux 3's mode blocks: attn(x) + ff(x), the first of them before any attention);
     # timestep and caption embedders do neither.
-    stream = _downstream(attn_cores)
+    stream = downstream(attn_cores)
     chains: dict[str, list[tuple[Node, set[Node], set[Node]]]] = {}  # key -> (l2, cores, nodes)
     attn_inputs = {
         a
@@ -249,6 +237,10 @@ def locate(
             )
         )
     result.uncovered = uncovered_blocks(g.nodes, g.paths, result.sites, result.refused)
+    result.uncached = uncached_compute(
+        g.nodes, g.paths, [region for _, _, region in candidates.values()],
+        [r.module_path for r in result.refused] + result.uncovered,
+        [s.module_path for s in result.sites])
     return result
 
 

@@ -37,6 +37,8 @@ class LocateResult:
     sites: list[Site] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     uncovered: list[str] = field(default_factory=list)  # repeated blocks with no candidate
+    # modules of repeated blocks computing on the token stream outside every candidate
+    uncached: list[str] = field(default_factory=list)
 
     @property
     def cache_bytes(self) -> int:

@@ -56,6 +56,7 @@ def test_sites_found_by_structure(name):
     assert [s.module_path for s in result.sites] == case.explained
     assert [s.kind for s in result.sites] == KINDS[name]
     assert result.uncovered == []  # every repeated block holds a site
+    assert result.uncached == []  # and every projection on the token stream is in one
     # Without the id -> name map the paths come from Dynamo's source text and agree.
     assert [s.module_path for s in locate(gm).sites] == case.explained
     # Joint attention (SD3 / Flux double blocks, CogVideoX, HunyuanVideo) caches both of its
@@ -292,6 +293,59 @@ def test_repeated_blocks_without_a_site_are_listed():
     text = str(fora_fx.explain(fast))
     assert "repeated blocks with no attention or MLP found" in text
     assert text.rstrip().endswith("blocks.1, blocks.3")
+
+
+class _MixedBlock(nn.Module):
+    """A block holding an attention and an MLP and, before them, a scan mixer the patterns
+    do not know, modulated by a conditioning vector (adaLN-style)."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.ada = nn.Linear(16, 32)
+        self.scan = _ScanBlock()
+        self.attn, self.mlp = Attention(16, heads=2, dim_head=8), _Mlp()
+
+    def forward(self, x, c):
+        shift, scale = self.ada(c).unsqueeze(1).chunk(2, dim=-1)
+        x = self.scan(x * (1 + scale) + shift)
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_MixedBlock() for _ in range(3)])
+
+    def forward(self, x, c):
+        for block in self.blocks:
+            x = block(x, c)
+        return x
+
+
+def test_uncached_mixers_beside_sites_are_listed():
+    """Blocks with sites can hide a mixer the patterns miss: its projections are listed by
+    module, block 0's too (no candidate output reaches it), the adaLN Linear is not."""
+    model = _Mixed().eval()
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 16)
+    gm, _ = capture(model, x, c)
+    result = locate(gm, module_paths(model))
+    assert [s.module_path for s in result.sites] == [
+        f"blocks.{i}.{m}" for i in range(3) for m in ("attn", "mlp")]
+    assert result.uncovered == []
+    assert result.uncached == ["blocks.0.scan", "blocks.1.scan", "blocks.2.scan"]
+    fast = fora_fx.transform(model, compiler="eager")
+    fast(x, c)
+    text = str(fora_fx.explain(fast))
+    assert text.rstrip().endswith(
+        "token-stream projections outside every attention / MLP found (they run on every "
+        "step): blocks.0-2.scan")
+    # The Hybrid model's scan blocks hold no site at all: listed as such, not twice.
+    hybrid = Hybrid().eval()
+    gm, _ = capture(hybrid, x)
+    assert locate(gm, module_paths(hybrid)).uncached == []
 
 
 class _GatedAttention(nn.Module):
