@@ -126,3 +126,20 @@ def test_targets_say_when_the_deviation_is_not_checked():
     assert not any("deviation from the eager FORA" in line for line in lines)
     fora.max_dev_vs_hook_fora = 1e-3  # 50x what compiling alone changes
     assert any(line.startswith("MISS max deviation") for line in targets([compiled, fora], setup))
+
+
+def test_bench_piecewise_model(tmp_path):
+    """A model whose own code breaks Dynamo's graph (Lumina 2: `.tolist()` on the caption
+    mask): the compiled row keeps the breaks, fora_fx runs piecewise and still samples what
+    the hook FORA samples."""
+    path = tmp_path / "lumina2.json"
+    assert cli.main(["bench", "--model", "tiny-lumina2", "--device", "cpu", "--steps", "4",
+                     "--repeats", "1", "--intervals", "3", "--no-ablation", "--no-peers",
+                     "--json", str(path)]) == 0
+    rows = {(r["method"], r["interval"]): r for r in json.loads(path.read_text())["rows"]}
+    compiled, fora = rows[("compiled", None)], rows[("fora_fx", 3)]
+    assert "with graph breaks" in compiled["note"] and compiled["graphs_compiled"] > 1
+    assert fora["graphs_compiled"] == compiled["graphs_compiled"]  # the same pieces
+    assert 0 <= fora["max_dev_vs_hook_fora"] < 1e-3 and fora["recompiles"] == 0
+    assert fora["cache_mib"] > 0 and fora["direct_share"] == 0  # no direct calls piecewise
+    assert fora["refresh_ms"] > 0 and fora["reuse_ms"] > 0

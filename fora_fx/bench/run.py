@@ -16,7 +16,7 @@ from ..config import ForaConfig
 from ..explain import explain
 from ..passes import locate
 from ..peers import DiffusersHook, HookFora
-from .setup import MODELS, Row, Setup, build, device_name, sample
+from .setup import MODELS, Row, Setup, build, device_name, piecewise, sample
 from .timing import CompileCaches, kernel_profile, measure, step_times, unguarded
 
 
@@ -36,9 +36,8 @@ def run(setup: Setup, log: Callable[[str], None] = print,
 
     call0 = {k: v for k, v in inputs.items() if k != "noise"}
     x0 = torch.cat([inputs["noise"]] * 2)
-    gm, _ = capture(fresh(), x0, timestep=torch.ones(x0.shape[0], device=x0.device), **call0)
-    sites = [s.module_path for s in locate(gm, module_paths(base)).sites]
-    torch._dynamo.reset()
+    whole = not piecewise(setup.model)  # else the model's own code breaks Dynamo's graph
+    sites = _site_paths(fresh(), x0, call0, whole)
     name = device_name(setup.device)
     rows: list[Row] = []
     refs: dict[int, torch.Tensor] = {}
@@ -90,8 +89,9 @@ def run(setup: Setup, log: Callable[[str], None] = print,
         return fn
 
     eager_out = record(Row("eager", None), sampler(fresh()))
-    compiled = torch.compile(fresh(), fullgraph=True, dynamic=False, mode=mode)
-    out = record(Row("compiled", None, note=f"mode={mode or 'default'}"), sampler(compiled))
+    compiled = torch.compile(fresh(), fullgraph=whole, dynamic=False, mode=mode)
+    out = record(Row("compiled", None, note=f"mode={mode or 'default'}"
+                     + ("" if whole else ", with graph breaks")), sampler(compiled))
     if out is not None and eager_out is not None:
         rows[-1].max_dev_vs_eager = float((out.float() - eager_out.float()).abs().max())
     del compiled
@@ -106,10 +106,12 @@ def run(setup: Setup, log: Callable[[str], None] = print,
         if ref is not None:
             refs[n] = ref
         del hook_model, loop
-    variants = [("fora_fx", n, ForaConfig(interval=n, mode=mode)) for n in setup.intervals]
+    variants = [("fora_fx", n, ForaConfig(interval=n, mode=mode, fullgraph=whole))
+                for n in setup.intervals]
     if setup.ablation and 3 in setup.intervals:  # what the batch pass + fusion limit buy
         variants.append(("fora_fx -batch -limit", 3, ForaConfig(
-            interval=3, mode=mode, batch_blocks=False, reuse_fusion_limit=None)))
+            interval=3, mode=mode, batch_blocks=False, reuse_fusion_limit=None,
+            fullgraph=whole)))
     for method, n, cfg in variants:
         fast = api.transform(fresh(), cfg)
         out = record(Row(method, n), sampler(fast, before=functools.partial(api.reset, fast)),
@@ -143,6 +145,23 @@ def run(setup: Setup, log: Callable[[str], None] = print,
             before=hook.start_generation))
     _cache_dit_rows(setup, fresh, name, record, add, sampler)
     return rows
+
+
+def _site_paths(model: torch.nn.Module, x: torch.Tensor, kwargs: dict[str, Any],
+                whole: bool) -> list[str]:
+    """The module paths fora_fx caches: the modules the hook-based peers wrap."""
+    t = torch.ones(x.shape[0], device=x.device)
+    if whole:
+        gm, _ = capture(model, x, timestep=t, **kwargs)
+        sites = [s.module_path for s in locate(gm, module_paths(model)).sites]
+    else:  # one graph per piece: ask a piecewise transform what it cached
+        fast = api.transform(model, ForaConfig(fullgraph=False, compiler="eager"))
+        with torch.no_grad():
+            fast(x, timestep=t, **kwargs)
+        sites = [s.module_path for s in explain(fast).sites]
+        api.restore(fast)
+    torch._dynamo.reset()  # also forgets the frames a piecewise capture made Dynamo skip
+    return sites
 
 
 def _release(device: str) -> None:

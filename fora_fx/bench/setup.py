@@ -39,9 +39,27 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny-wan": dict(cls="WanTransformer3DModel", num_layers=2, num_attention_heads=2,
                      attention_head_dim=16, ffn_dim=64, in_channels=4, out_channels=4,
                      text_dim=24, freq_dim=32, latent=(4, 3, 8, 8), text_tokens=6),
+    # Lumina 2's structure at CPU size: its forward breaks Dynamo's graph (caption lengths
+    # via `.tolist()`), so every compiled row runs piecewise (fullgraph=False); 256 image
+    # tokens, 16 caption tokens (the last one padding)
+    "small-lumina2": dict(cls="Lumina2Transformer2DModel", sample_size=32, patch_size=2,
+                          in_channels=4, hidden_size=128, num_layers=6, num_refiner_layers=2,
+                          num_attention_heads=4, num_kv_heads=2, multiple_of=64,
+                          axes_dim_rope=(8, 12, 12), axes_lens=(64, 32, 32), cap_feat_dim=64,
+                          text_tokens=16, piecewise=True),
+    "tiny-lumina2": dict(cls="Lumina2Transformer2DModel", sample_size=8, patch_size=2,
+                         in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+                         num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                         axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=24,
+                         text_tokens=6, piecewise=True),
 }
-# Keys of a MODELS entry that describe the sampler's inputs, not the model's config.
-_INPUT_KEYS = ("latent", "text_tokens")
+# Keys of a MODELS entry that describe the sampler's inputs or the run, not the model's config.
+_INPUT_KEYS = ("latent", "text_tokens", "piecewise")
+
+
+def piecewise(model: str) -> bool:
+    """Whether the model's own code breaks Dynamo's graph: compiled rows use fullgraph=False."""
+    return bool(MODELS[model].get("piecewise"))
 
 
 @dataclass
@@ -119,7 +137,13 @@ def build(setup: Setup) -> tuple[torch.nn.Module, dict[str, Any]]:
         return model, dict(noise=noise.to(setup.device, setup.dtype),
                            encoder_hidden_states=emb.to(setup.device, setup.dtype))
     side = spec["sample_size"]
-    if "caption_channels" in spec:
+    if "cap_feat_dim" in spec:  # Lumina 2: caption features and their padding mask
+        emb = torch.randn(n, shapes["text_tokens"], spec["cap_feat_dim"], generator=g)
+        mask = torch.ones(n, shapes["text_tokens"], dtype=torch.long, device=setup.device)
+        mask[:, -1] = 0
+        extra = dict(encoder_hidden_states=emb.to(setup.device, setup.dtype),
+                     encoder_attention_mask=mask)
+    elif "caption_channels" in spec:
         emb = torch.randn(n, 120, spec["caption_channels"], generator=g)
         extra = dict(encoder_hidden_states=emb.to(setup.device, setup.dtype),
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None})
