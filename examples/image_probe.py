@@ -372,6 +372,11 @@ def hidream():  # HiDream-I1: MoE feed-forward (2 of 4 routed experts + a shared
 
 
 @case
+def hidream_hooked():  # the same, its MoE feed-forwards cached around the call (OPTIONS)
+    return hidream()
+
+
+@case
 def hidream_dense():  # num_routed_experts=0: dense SwiGLU feed-forward everywhere
     torch.manual_seed(0)
     m = diffusers.HiDreamImageTransformer2DModel(**HIDREAM, num_routed_experts=0)
@@ -821,11 +826,16 @@ PIECEWISE = {
     "qwenimage21_kvcache",
     # moe_infer loops over bincount(), a data-dependent length (transformer_hidream_image.py:391)
     "hidream",
+    "hidream_hooked",
     # caption lengths from mask.sum().tolist() branch the forward (transformer_lumina2.py:273, :519)
     "lumina2",
     # `if torch.max(position_ids) + 1 > ...`: a branch on a value (transformer_omnigen.py:154-155)
     "omnigen",
 }
+
+# More ForaConfig fields. HiDream's MoE feed-forward (`ff_i` of every block) cannot be
+# captured: named in hook_sites it is cached around its call, as the paper's hooks do.
+OPTIONS = {"hidream_hooked": {"hook_sites": ("*.ff_i",)}}
 
 EXPECTED_FAILURES = {
     # a UNet, not a DiT: exact, but explain lists its mid-block conv resnets as uncovered blocks
@@ -834,4 +844,4 @@ EXPECTED_FAILURES = {
 
 
 if __name__ == "__main__":
-    main(CASES, EXPECTED_FAILURES, PIECEWISE)
+    main(CASES, EXPECTED_FAILURES, PIECEWISE, OPTIONS)

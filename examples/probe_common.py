@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import torch
 
@@ -73,8 +74,10 @@ def registry() -> tuple[dict[str, Case], Callable[[Case], Case]]:
     return cases, case
 
 
-def run(cases: dict[str, Case], name: str, piecewise: bool = False) -> bool:
-    print(f"\n########## {name}" + ("   (piecewise: fullgraph=False)" if piecewise else ""))
+def run(cases: dict[str, Case], name: str, piecewise: bool = False,
+        options: Mapping[str, Any] | None = None) -> bool:
+    print(f"\n########## {name}" + ("   (piecewise: fullgraph=False)" if piecewise else "")
+          + (f"   {dict(options)}" if options else ""))
     try:
         m, kw = cases[name]()
     except Exception as e:
@@ -93,7 +96,8 @@ def run(cases: dict[str, Case], name: str, piecewise: bool = False) -> bool:
         print("PLAIN MODEL FAILED:", type(e).__name__, str(e)[:2000])
         traceback.print_exc(limit=6)
         return False
-    fast = fora_fx.transform(m, interval=3, compiler="eager", fullgraph=not piecewise)
+    fast = fora_fx.transform(m, interval=3, compiler="eager", fullgraph=not piecewise,
+                             **(options or {}))
     try:
         with torch.no_grad():
             out0 = first(fast(**kw0))
@@ -119,17 +123,19 @@ def run(cases: dict[str, Case], name: str, piecewise: bool = False) -> bool:
 
 
 def main(
-    cases: dict[str, Case], expected_failures: set[str], piecewise: Collection[str] = ()
+    cases: dict[str, Case], expected_failures: set[str], piecewise: Collection[str] = (),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Runs the cases named on the command line (default: all). `piecewise`: models Dynamo
-    cannot capture in one graph; they run with fullgraph=False and must pass like the rest."""
+    cannot capture in one graph; they run with fullgraph=False and must pass like the rest.
+    `options`: more ForaConfig fields for some cases."""
     names = sys.argv[1:] or list(cases)
     unknown = [n for n in names if n not in cases]
     if unknown:
         sys.exit(f"unknown case(s) {unknown}; valid: {sorted(cases)}")
     results = {}
     for n in names:
-        results[n] = run(cases, n, n in piecewise)
+        results[n] = run(cases, n, n in piecewise, (options or {}).get(n))
         if n in piecewise:  # Dynamo now skips frames it could not resume in; later cases
             torch._dynamo.reset()  # need them compiled whole (fora_fx.ForaModule says so)
     bad = [n for n, ok in results.items() if not ok and n not in expected_failures]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import direct, guards
+from . import direct, guards, hooks
 from .backend import NoSitesError, backend, describe_refusals
 from .capture import module_paths
 from .config import ForaConfig
@@ -50,6 +50,8 @@ class ForaModule(torch.nn.Module):
                 stacklevel=3,
             )
         runtime = Runtime(config, source)
+        if config.hook_sites:
+            hooks.install(runtime, hooks.resolve(model, config.hook_sites))
         paths = module_paths(model)
         # Stored outside _modules so that state_dict keys keep no wrapper prefix.
         self.__dict__["_fora_model"] = model
@@ -128,7 +130,7 @@ class ForaModule(torch.nn.Module):
         with torch.no_grad(), active(runtime, self._fora_paths), runtime.piecewise():
             out = self._guarded(args, kwargs)
         pairs = runtime.pairs
-        if not any(p.sites for p in pairs):
+        if not any(p.sites for p in pairs) and not runtime.hooked:
             found = LocateResult(sites=[s for p in pairs for s in p.located.sites],
                                  refused=[r for p in pairs for r in p.located.refused])
             raise NoSitesError(

@@ -23,6 +23,18 @@ def _require_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"ForaConfig.{name} must be an int >= {minimum}, got {value}")
 
 
+def _patterns(name: str, value: object, example: str) -> tuple[str, ...]:
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, (tuple, list)) or not all(
+        isinstance(p, str) and p for p in patterns
+    ):
+        raise TypeError(
+            f"ForaConfig.{name} must be a tuple of module-path patterns such as {example}, "
+            f"got {value!r}"
+        )
+    return tuple(patterns)
+
+
 @dataclass(frozen=True)
 class ForaConfig:
     """What to cache and when.
@@ -39,6 +51,12 @@ class ForaConfig:
                    "transformer_blocks.0.*") whose sites are not cached; `explain` lists
                    them with the pattern. For sites outside the DiT blocks the paper caches
                    (HunyuanVideo's token refiner) or blocks kept exact.
+    hook_sites:    module-path patterns (fnmatch: "*.ff_i") of modules cached around their
+                   call instead of inside a graph: computed eagerly on refresh steps, their
+                   output returned on reuse steps, as the paper's hooks do. For modules whose
+                   forward Dynamo cannot capture (HiDream-I1's mixture of experts); needs
+                   fullgraph=False. The locator's checks cannot see inside them: naming one
+                   asserts its output is a residual branch (fora_fx/hooks.py).
     compiler:      "inductor" (default), "aot_eager" or "eager" (runs the rewritten graphs
                    without compiling; for debugging and fast tests).
     mode:          torch.compile mode for Inductor; "reduce-overhead" turns on CUDA graphs.
@@ -77,6 +95,7 @@ class ForaConfig:
     refresh_last: bool = True
     sites: tuple[str, ...] = SITE_KINDS
     exclude: tuple[str, ...] = ()
+    hook_sites: tuple[str, ...] = ()
     compiler: str = "inductor"
     mode: str | None = None
     batch_blocks: bool = True
@@ -102,15 +121,10 @@ class ForaConfig:
                 f"ForaConfig.sites must be a non-empty subset of {SITE_KINDS}, got {self.sites!r}"
             )
         object.__setattr__(self, "sites", sites)
-        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
-        if not isinstance(exclude, (tuple, list)) or not all(
-            isinstance(p, str) and p for p in exclude
-        ):
-            raise TypeError(
-                "ForaConfig.exclude must be a tuple of module-path patterns such as "
-                f"('context_embedder.*',), got {self.exclude!r}"
-            )
-        object.__setattr__(self, "exclude", tuple(exclude))
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude,
+                                                      "('context_embedder.*',)"))
+        object.__setattr__(self, "hook_sites", _patterns("hook_sites", self.hook_sites,
+                                                         "('*.ff_i',)"))
         if self.compiler not in COMPILERS:
             raise ValueError(
                 f"ForaConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}"
@@ -127,6 +141,11 @@ class ForaConfig:
             _require_int("reuse_fusion_limit", self.reuse_fusion_limit, 2)
         if self.mode not in MODES:
             raise ValueError(f"ForaConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.hook_sites and self.fullgraph:
+            raise ValueError(
+                "ForaConfig.hook_sites runs the named modules outside Dynamo's graphs, which "
+                "splits the forward: it needs fullgraph=False"
+            )
 
     def refreshes(self, step: int, num_steps: int | None = None) -> bool:
         """True iff step `step` (0-based, within a generation) recomputes every site.

@@ -22,6 +22,7 @@ class Explanation:
     # fullgraph=False: sites whose graph runs several times per call (a block's own frame,
     # run for every block, each run with its own cache) -> runs per call
     runs: dict[str, int] = field(default_factory=dict)
+    hooked: list[str] = field(default_factory=list)  # ForaConfig.hook_sites' modules
     cache_bytes: int = 0
     pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
     batched: dict[str, list[Batched]] = field(default_factory=dict)  # first graph's, by variant
@@ -53,6 +54,11 @@ class Explanation:
                 f"  {s.name:<14} {s.module_path:<{w}}  {s.kind:<10} [{shapes}] {s.nbytes} B"
                 + (f"  (its graph runs {count}x per call, one cache each: the same code in "
                    f"{count} blocks)" if count > 1 else "")
+            )
+        if self.hooked:
+            lines.append(
+                "cached around the module call (hook_sites: eager on refresh steps, outside "
+                f"the graphs): {_ranges(self.hooked)}"
             )
         if self.pruned:
             lines.append(f"reuse graph: {self.pruned} chunked Linear(s) narrowed to live chunks")
@@ -160,6 +166,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         runs=runs,
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
         uncached=[m for m in uncached if m not in sites],
+        hooked=[p for rt in runtimes(obj) for p in rt.hooked],
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
         batched=pair.batched,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from . import stacks
 from .config import ForaConfig
@@ -35,6 +36,7 @@ class Stats:
 
 
 PieceKey = tuple["CompiledPair", tuple[int, ...], int]
+HookKey = tuple[str, int]  # a hook site's module path, its occurrence in the call
 
 
 @dataclass
@@ -51,7 +53,9 @@ class Branch:
     # called with, occurrence): `PieceKey`.
     period: int = 0
     pieces: dict[PieceKey, list[torch.Tensor]] = field(default_factory=dict)
-    filled: dict[PieceKey, int] = field(default_factory=dict)
+    filled: dict[PieceKey | HookKey, int] = field(default_factory=dict)
+    # hook sites (ForaConfig.hook_sites): the output of each call, and its tensors' versions
+    outputs: dict[HookKey, tuple[Any, tuple[int, ...]]] = field(default_factory=dict)
 
     def invalidate(self) -> None:
         self.owner = None
@@ -68,7 +72,7 @@ class _Piece:
 
     branch: Branch
     refreshed: bool = False
-    seen: dict[tuple, int] = field(default_factory=dict)
+    seen: dict[Any, int] = field(default_factory=dict)
 
     def key(self, pair: CompiledPair, args: Sequence[Any]) -> PieceKey:
         params = tuple(id(a) for a in args if isinstance(a, torch.nn.Parameter))
@@ -99,6 +103,8 @@ class Runtime:
         self._calls_this_step = 0
         self._lock = threading.Lock()
         self._piece: _Piece | None = None  # set during a piecewise call
+        self.on_release: list[Callable[[], None]] = []  # e.g. removing hook sites' wrappers
+        self.hooked: list[str] = []  # module paths of hook sites (fora_fx/hooks.py)
 
     @property
     def step(self) -> int:
@@ -119,8 +125,10 @@ class Runtime:
         return sum(
             b.numel() * b.element_size()
             for branch in self.branches.values()
-            for bufs in [*branch.buffers.values(), *branch.pieces.values()]
+            for bufs in [*branch.buffers.values(), *branch.pieces.values(),
+                         *(tree_leaves(out) for out, _ in branch.outputs.values())]
             for b in bufs
+            if isinstance(b, torch.Tensor)
         )
 
     def _position(self) -> tuple[Branch, int, int | None]:
@@ -193,6 +201,34 @@ class Runtime:
             return pair.reuse(*args, *buffers, *self._stack_inputs(pair, "reuse", args, key))
         branch.filled.pop(key, None)
         out = pair.refresh(*args, *buffers, *self._stack_inputs(pair, "refresh", args, key))
+        branch.filled[key] = branch.period
+        piece.refreshed = True
+        return out
+
+    def run_module(self, path: str, call: Callable[[], Any]) -> Any:
+        """A hook site's call (fora_fx/hooks.py), decided like a piecewise graph: reuse the
+        output of this module's call (path, occurrence in the model call) if it was computed
+        since the last scheduled refresh, else compute it. Outside a transformed model's call
+        it simply runs."""
+        piece = self._piece
+        if piece is None:
+            return call()
+        branch = piece.branch
+        occurrence = piece.seen.get(path, 0)
+        piece.seen[path] = occurrence + 1
+        key = (path, occurrence)
+        if branch.filled.get(key) == branch.period:
+            out, versions = branch.outputs[key]
+            if _versions(out) != versions:
+                raise RuntimeError(
+                    f"fora_fx: the cached output of hook site {path} was modified in place "
+                    "after it was returned (the model writes into that module's output), so "
+                    "it cannot be reused. Remove it from ForaConfig.hook_sites."
+                )
+            return out
+        branch.filled.pop(key, None)
+        out = call()
+        branch.outputs[key] = (out, _versions(out))
         branch.filled[key] = branch.period
         piece.refreshed = True
         return out
@@ -285,3 +321,10 @@ class Runtime:
         stacks.unstack(self._stacks.values())
         self._stacks = {}
         self.released = True
+        for undo in self.on_release:
+            undo()
+        self.on_release = []
+
+
+def _versions(out: Any) -> tuple[int, ...]:
+    return tuple(t._version for t in tree_leaves(out) if isinstance(t, torch.Tensor))

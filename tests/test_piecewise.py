@@ -139,3 +139,143 @@ def test_a_whole_forward_skipped_by_dynamo_is_refused():
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="fullgraph=False"):  # the plain graph-break error
         fast(x, t)
+
+
+class _BreakingMlp(nn.Module):
+    """An MLP whose forward Dynamo cannot capture whole (HiDream-I1's MoE loops over
+    `bincount()`): the graphs around the break hold no whole MLP to cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return self.fc2(h)
+
+
+class _HookBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn, self.mlp = Attention(16, heads=2, dim_head=8), _BreakingMlp()
+
+    def forward(self, x, t):
+        x = x + t[:, None, None] * self.attn(x)
+        return x + self.mlp(x)
+
+
+class _HookModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_HookBlock() for _ in range(2)])
+
+    def forward(self, x, t):
+        t = t / 1000.0
+        for block in self.blocks:
+            x = block(x, t)
+        return x
+
+
+def _reference(model, sites, steps):
+    with torch.no_grad():
+        ref = EagerFora(model, sites, interval=3, num_steps=len(steps))
+        out = [ref(*s) for s in steps] + [ref(*s) for s in steps]
+        ref.remove()
+    return out
+
+
+def test_hook_sites_cache_a_module_dynamo_cannot_capture():
+    torch.manual_seed(0)
+    model = _HookModel().eval()
+    steps = [(torch.randn(2, 5, 16), torch.full((2,), 999.0 - 90 * k)) for k in range(7)]
+    attn = [f"blocks.{i}.attn" for i in range(2)]
+    mlps = [f"blocks.{i}.mlp" for i in range(2)]
+    # Piecewise alone caches the attentions; the MLPs run on every step.
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
+    got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
+    for k, (g, e) in enumerate(zip(got, _reference(model, attn, steps), strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
+    fora_fx.restore(fast)
+    torch._dynamo.reset()
+    # Named in hook_sites, the MLPs are cached too: what the paper's hooks compute.
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False,
+                             hook_sites=("blocks.*.mlp",))
+    got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
+    for k, (g, e) in enumerate(zip(got, _reference(model, attn + mlps, steps), strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
+    assert fast._fora_runtime.stats.history == [True, False, False, True, False, False, True] * 2
+    explanation = fora_fx.explain(fast)
+    assert explanation.hooked == mlps
+    assert "cached around the module call (hook_sites" in str(explanation)
+    assert explanation.cache_bytes == 4 * 2 * 5 * 16 * 4  # 2 attentions + 2 MLP outputs
+    assert all("forward" in model.blocks[i].mlp.__dict__ for i in range(2))
+    assert fora_fx.restore(fast) is model
+    assert not any("forward" in model.blocks[i].mlp.__dict__ for i in range(2))
+
+
+def test_hook_sites_are_checked():
+    with pytest.raises(ValueError, match="needs fullgraph=False"):
+        fora_fx.ForaConfig(hook_sites=("blocks.*.mlp",))
+    with pytest.raises(TypeError, match="module-path patterns"):
+        fora_fx.ForaConfig(hook_sites=(3,), fullgraph=False)
+    with pytest.raises(ValueError, match=r"'blocks\.\*\.ffn' names no module .* mlp"):
+        fora_fx.transform(_HookModel().eval(), fullgraph=False, hook_sites=("blocks.*.ffn",))
+
+
+def test_a_hook_site_output_written_in_place_is_not_reused():
+    class Writer(_HookModel):
+        def forward(self, x, t):
+            for block in self.blocks:
+                y = block.mlp(x)
+                y.mul_(0.5)  # the model writes into the module's output
+                x = x + y
+            return x
+
+    fast = fora_fx.transform(Writer().eval(), interval=3, compiler="eager", fullgraph=False,
+                             hook_sites=("blocks.*.mlp",))
+    x, t = torch.randn(2, 5, 16), torch.full((2,), 999.0)
+    fast(x, t)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        fast(x, t)
+
+
+def test_hidream_moe_in_hook_sites_equals_the_eager_reference():
+    """HiDream-I1's MoE feed-forward loops over bincount(): Dynamo cannot capture it. Named
+    in hook_sites, every block's `ff_i` is cached with its attention and text FFN, and the
+    model samples what the paper's hooks sample on the same modules."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=2, caption_channels=[24, 20],
+        text_emb_dim=16, axes_dims_rope=(4, 6, 6), max_resolution=(8, 8),
+        llama_layers=[0, 1, 2, 3], num_routed_experts=4, num_activated_experts=2).eval()
+    with torch.no_grad():  # zero-initialised gates and output layers would hide the sites
+        for p in model.parameters():
+            if not bool(p.ne(0).any()):
+                p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    steps = [dict(hidden_states=torch.randn(2, 4, 8, 8, generator=gen),
+                  timesteps=torch.full((2,), 999.0 - 100 * k),
+                  encoder_hidden_states_t5=torch.randn(2, 6, 24, generator=gen),
+                  encoder_hidden_states_llama3=torch.randn(4, 2, 6, 20, generator=gen),
+                  pooled_embeds=torch.randn(2, 16, generator=gen), return_dict=False)
+             for k in range(5)]
+    sites = [f"double_stream_blocks.{i}.block.{s}" for i in range(2)
+             for s in ("attn1", "ff_t", "ff_i")]
+    sites += [f"single_stream_blocks.{i}.block.{s}" for i in range(2) for s in ("attn1", "ff_i")]
+    with torch.no_grad():
+        ref = EagerFora(model, sites, interval=3, num_steps=5)
+        expected = [ref(**s)[0] for s in steps]
+        ref.remove()
+    fast = fora_fx.transform(model, interval=3, num_steps=5, compiler="eager", fullgraph=False,
+                             hook_sites=("*.ff_i",))
+    got = [fast(**s)[0] for s in steps]
+    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"step {k}")
+    assert fast._fora_runtime.stats.history == [True, False, False, True, True]
+    assert fora_fx.explain(fast).hooked == [p for p in sites if p.endswith("ff_i")]
