@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import stacks
 from .config import ForaConfig
+from .piecewise import HookKey, Piece, PieceKey
 from .steps import PipelineSteps
 
 if TYPE_CHECKING:
@@ -33,10 +34,6 @@ class Stats:
     history: list[bool] = field(default_factory=list)  # per call: True = refreshed (last 4096)
     unguarded: int = 0  # calls run with Dynamo's guard evaluation skipped (ForaModule)
     direct: int = 0  # of those, calls that also skipped Dynamo's frame (fora_fx/direct.py)
-
-
-PieceKey = tuple["CompiledPair", tuple[int, ...], int]
-HookKey = tuple[str, int]  # a hook site's module path, its occurrence in the call
 
 
 @dataclass
@@ -65,22 +62,6 @@ class Branch:
 DEFAULT_BRANCH = "default"
 
 
-@dataclass
-class _Piece:
-    """A piecewise model call under way: its branch, whether some graph recomputed, and how
-    often each (graph, parameters) ran so far."""
-
-    branch: Branch
-    refreshed: bool = False
-    seen: dict[Any, int] = field(default_factory=dict)
-
-    def key(self, pair: CompiledPair, args: Sequence[Any]) -> PieceKey:
-        params = tuple(id(a) for a in args if isinstance(a, torch.nn.Parameter))
-        occurrence = self.seen.get((pair, params), 0)
-        self.seen[(pair, params)] = occurrence + 1
-        return pair, params, occurrence
-
-
 class Runtime:
     """Step position, schedule, cache buffers and cache validity for one transformed model.
 
@@ -102,7 +83,7 @@ class Runtime:
         self._stacks: dict[tuple[Any, tuple[int, ...]], torch.Tensor] = {}  # (pair or piece)
         self._calls_this_step = 0
         self._lock = threading.Lock()
-        self._piece: _Piece | None = None  # set during a piecewise call
+        self._piece: Piece | None = None  # set during a piecewise call
         self.on_release: list[Callable[[], None]] = []  # e.g. removing hook sites' wrappers
         self.hooked: list[str] = []  # module paths of hook sites (fora_fx/hooks.py)
 
@@ -169,17 +150,18 @@ class Runtime:
     @contextlib.contextmanager
     def piecewise(self) -> Iterator[None]:
         """One model call whose forward Dynamo captured as several graphs (graph breaks;
-        ForaConfig.fullgraph=False): the step is decided once, for every graph of the call,
-        and advances once. On a scheduled refresh every graph recomputes; otherwise a graph
-        reuses its cache if it was filled since the last scheduled refresh (a graph met for
-        the first time, or after new shapes, recomputes)."""
+        ForaConfig.fullgraph=False): the step is decided once, for every graph of the call
+        and every hook site, and advances once. On a scheduled refresh everything
+        recomputes; otherwise each graph run and hook site reuses its cache if it was filled
+        since the last scheduled refresh (one met for the first time, or after new shapes,
+        recomputes): fora_fx/piecewise.py."""
         self._enter()
         branch: Branch | None = None
         try:
             branch, step, num_steps = self._position()
             refresh = self.config.refreshes(step, num_steps)
             branch.period += refresh
-            self._piece = _Piece(branch)
+            self._piece = Piece(branch)
             yield
         except BaseException:
             if branch is not None:
@@ -191,51 +173,14 @@ class Runtime:
             self._piece = None
             self._lock.release()
 
-    def _run_piece(self, piece: _Piece, pair: CompiledPair, args: Sequence[Any]) -> Any:
-        branch = piece.branch
-        key = piece.key(pair, args)
-        buffers = branch.pieces.get(key)
-        if buffers is None:
-            buffers = branch.pieces[key] = [s.allocate() for s in pair.specs]
-        if branch.filled.get(key) == branch.period:
-            return pair.reuse(*args, *buffers, *self._stack_inputs(pair, "reuse", args, key))
-        branch.filled.pop(key, None)
-        out = pair.refresh(*args, *buffers, *self._stack_inputs(pair, "refresh", args, key))
-        branch.filled[key] = branch.period
-        piece.refreshed = True
-        return out
-
     def run_module(self, path: str, call: Callable[[], Any]) -> Any:
-        """A hook site's call (fora_fx/hooks.py), decided like a piecewise graph: reuse the
-        output of this module's call (path, occurrence in the model call) if it was computed
-        since the last scheduled refresh, else compute it. Outside a transformed model's call
-        it simply runs."""
-        piece = self._piece
-        if piece is None:
-            return call()
-        branch = piece.branch
-        occurrence = piece.seen.get(path, 0)
-        piece.seen[path] = occurrence + 1
-        key = (path, occurrence)
-        if branch.filled.get(key) == branch.period:
-            out, versions = branch.outputs[key]
-            if _versions(out) != versions:
-                raise RuntimeError(
-                    f"fora_fx: the cached output of hook site {path} was modified in place "
-                    "after it was returned (the model writes into that module's output), so "
-                    "it cannot be reused. Remove it from ForaConfig.hook_sites."
-                )
-            return out
-        branch.filled.pop(key, None)
-        out = call()
-        branch.outputs[key] = (out, _versions(out))
-        branch.filled[key] = branch.period
-        piece.refreshed = True
-        return out
+        """A hook site's call (fora_fx/hooks.py); outside a transformed model's call it
+        simply runs."""
+        return call() if self._piece is None else self._piece.run_module(path, call)
 
     def run(self, pair: CompiledPair, args: Sequence[Any]) -> Any:
         if self._piece is not None:
-            return self._run_piece(self._piece, pair, args)
+            return self._piece.run(pair, args, self._stack_inputs)
         self._enter()
         branch: Branch | None = None
         try:
@@ -325,6 +270,3 @@ class Runtime:
             undo()
         self.on_release = []
 
-
-def _versions(out: Any) -> tuple[int, ...]:
-    return tuple(t._version for t in tree_leaves(out) if isinstance(t, torch.Tensor))

@@ -20,7 +20,7 @@ A candidate is refused (with a reason) when caching it would not be FORA: passes
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from torch.fx import GraphModule, Node
 
