@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .api import ForaModule, reset, runtimes
 from .dispatch import CompiledPair
 from .passes import Batched, Refusal, Site
+from .passes.paths import outer_block
+from .pipelines import is_pipeline, wrapped
+from .runtime import Runtime
 
 
 @dataclass
@@ -20,7 +25,8 @@ class Explanation:
     # modules of repeated blocks that compute on the token stream outside every site
     uncached: list[str] = field(default_factory=list)
     # fullgraph=False: sites whose graph runs several times per call (a block's own frame,
-    # run for every block, each run with its own cache) -> runs per call
+    # run for every block, each run with its own cache, each site listed per block) -> the
+    # number of blocks sharing the graph
     runs: dict[str, int] = field(default_factory=dict)
     hooked: list[str] = field(default_factory=list)  # ForaConfig.hook_sites' modules
     cache_bytes: int = 0
@@ -52,8 +58,7 @@ class Explanation:
             count = self.runs.get(s.module_path, 1)
             lines.append(
                 f"  {s.name:<14} {s.module_path:<{w}}  {s.kind:<10} [{shapes}] {s.nbytes} B"
-                + (f"  (its graph runs {count}x per call, one cache each: the same code in "
-                   f"{count} blocks)" if count > 1 else "")
+                + (f"  (one graph for {count} blocks, a cache each)" if count > 1 else "")
             )
         if self.hooked:
             lines.append(
@@ -118,6 +123,41 @@ def readable(code: str) -> str:
     return "\n".join(out)
 
 
+def _runtimes_and_models(obj: Any) -> list[tuple[Runtime, torch.nn.Module | None]]:
+    if isinstance(obj, ForaModule):
+        return [(obj._fora_runtime, obj._fora_model)]
+    if is_pipeline(obj):
+        return [(f._fora_runtime, f._fora_model) for f in wrapped(obj).values()]
+    return [(rt, None) for rt in runtimes(obj)]
+
+
+def _block_runs(rt: Runtime, model: torch.nn.Module | None) -> dict[str, list[str]]:
+    """For each site whose graph ran several times per call (piecewise: Dynamo compiled a
+    block's own frame once and runs it for every block), the site's path in each run: the
+    block is the one whose parameters the run was called with ("blocks.0.attn" for the
+    graph's first block -> "blocks.2.attn" for the run with blocks.2's weights)."""
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    keys: dict[CompiledPair, dict[tuple[tuple[int, ...], int], None]] = {}
+    for branch in rt.branches.values():
+        for pair, params, occurrence in branch.pieces:
+            keys.setdefault(pair, {})[(params, occurrence)] = None
+    out: dict[str, list[str]] = {}
+    for pair, runs in keys.items():
+        if len(runs) < 2:
+            continue
+        for s in pair.sites:
+            base = outer_block(s.module_path)
+            paths = []
+            for params, occurrence in runs:
+                blocks = {outer_block(names[i]) for i in params if i in names} - {None}
+                if base is not None and len(blocks) == 1:
+                    paths.append(f"{blocks.pop()}{s.module_path[len(base):]}")
+                else:  # not named by its weights: numbered by its occurrence
+                    paths.append(f"{s.module_path}#{occurrence}")
+            out[s.module_path] = list(dict.fromkeys(paths))
+    return out
+
+
 def _pairs(obj: Any) -> list[CompiledPair]:
     return [p for rt in runtimes(obj) for p in rt.pairs]
 
@@ -152,16 +192,23 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
             sites.setdefault(s.module_path, s)
         for r in p.located.refused:
             refused.setdefault((r.module_path, r.reason), r)
+    # fullgraph=False: a graph compiled from a block's own frame runs for every block; its
+    # sites are listed once per block it ran for.
     runs: dict[str, int] = {}
-    for rt in runtimes(obj):
-        for branch in rt.branches.values():
-            for p, n in Counter(key[0] for key in branch.pieces).items():
-                if n > 1:
-                    runs.update({s.module_path: max(runs.get(s.module_path, 1), n)
-                                 for s in p.sites})
+    for rt, model in _runtimes_and_models(obj):
+        for site_path, paths in _block_runs(rt, model).items():
+            site = sites.pop(site_path, None)
+            for path in paths:
+                if site is not None:
+                    sites.setdefault(path, dataclasses.replace(site, module_path=path))
+                runs[path] = max(runs.get(path, 1), len(paths))
+    listed = list(sites.values())
+    if runs:  # per-block copies follow their graph: list the sites in block order
+        listed.sort(key=lambda s: [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                                   for p in s.module_path.split(".")])
     pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
     return Explanation(
-        sites=list(sites.values()),
+        sites=listed,
         refused=list(refused.values()),
         runs=runs,
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],

@@ -77,9 +77,12 @@ def test_piecewise_equals_the_eager_reference(break_inside):
     # block keeps its own cache (6 sites' worth of buffers per branch).
     assert explanation.graphs_compiled >= 2
     assert explanation.cache_bytes == 6 * 2 * 5 * 16 * 4
+    # Every site is listed under its own block, also where block 0's graph runs them all.
+    assert [s.module_path for s in explanation.sites] == SITES
     if break_inside:  # every block runs the graphs Dynamo compiled from block 0's frame
-        assert explanation.runs == {"blocks.0.attn": 3, "blocks.0.mlp": 3}
-        assert "its graph runs 3x per call" in str(explanation)
+        assert explanation.runs == dict.fromkeys(SITES, 3)
+        assert "blocks.2.mlp   mlp        [2x5x16] 640 B  (one graph for 3 blocks" in str(
+            explanation)
     else:
         assert not explanation.runs
 
@@ -278,4 +281,8 @@ def test_hidream_moe_in_hook_sites_equals_the_eager_reference():
     for k, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"step {k}")
     assert fast._fora_runtime.stats.history == [True, False, False, True, True]
-    assert fora_fx.explain(fast).hooked == [p for p in sites if p.endswith("ff_i")]
+    explanation = fora_fx.explain(fast)
+    assert explanation.hooked == [p for p in sites if p.endswith("ff_i")]
+    # the graphs Dynamo compiled from each kind of block's frame, listed for every block
+    assert sorted(s.module_path for s in explanation.sites) == sorted(
+        p for p in sites if not p.endswith("ff_i"))
