@@ -8,17 +8,21 @@ Dynamo's reach (`torch._dynamo.disable`) and cached the way the paper's hooks ca
 output: computed eagerly on refresh steps, returned from the cache on reuse steps, decided by
 the same per-call step as the piecewise graphs around it (Runtime.run_module). The locator's
 checks cannot see inside such a module: naming it asserts that its output is a residual
-branch, as an attention's or MLP's output is.
+branch, as an attention's or MLP's output is. A reuse also needs the call's inputs to match
+the refresh's in structure, shapes, dtypes, devices and Python values (fora_fx/guards.py), as
+a graph would be recompiled for new ones; otherwise the module recomputes.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from . import guards
 from .runtime import Runtime
 
 
@@ -57,8 +61,18 @@ def install(runtime: Runtime, hooked: list[tuple[str, torch.nn.Module]]) -> None
 
 
 def _routed(runtime: Runtime, path: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    warned = False
+
     def forward(*args: Any, **kwargs: Any) -> Any:
-        return runtime.run_module(path, lambda: inner(*args, **kwargs))
+        nonlocal warned
+        inputs = guards.signature(args, kwargs)
+        if inputs is None and not warned:
+            warned = True
+            warnings.warn(
+                f"fora_fx: hook site {path} is called with arguments other than tensors, "
+                "numbers, strings, None and containers of them; fora_fx cannot tell whether "
+                "they changed, so it recomputes the module on every step", stacklevel=2)
+        return runtime.run_module(path, inputs, lambda: inner(*args, **kwargs))
 
     return forward
 

@@ -57,12 +57,17 @@ class Piece:
         self.refreshed = True
         return out
 
-    def run_module(self, path: str, call: Callable[[], Any]) -> Any:
-        """A hook site's call (fora_fx/hooks.py), keyed by (module path, occurrence)."""
+    def run_module(self, path: str, inputs: Any, call: Callable[[], Any]) -> Any:
+        """A hook site's call (fora_fx/hooks.py), keyed by (module path, occurrence).
+        `inputs` describes the call's arguments (fora_fx/guards.py: structure, shapes,
+        dtypes, devices, scalar values; None if not describable): a call whose inputs differ
+        from the refresh's recomputes, as a graph met with new shapes does."""
         branch = self.branch
         key: HookKey = (path, self._occurrence(path))
-        if branch.filled.get(key) == branch.period:
-            out, versions = branch.outputs[key]
+        stored = branch.outputs.get(key)
+        if (branch.filled.get(key) == branch.period and stored is not None
+                and inputs is not None and stored[2] == inputs):
+            out, versions, _ = stored
             if _versions(out) != versions:
                 raise RuntimeError(
                     f"fora_fx: the cached output of hook site {path} was modified in place "
@@ -72,7 +77,7 @@ class Piece:
             return out
         branch.filled.pop(key, None)
         out = call()
-        branch.outputs[key] = (out, _versions(out))
+        branch.outputs[key] = (out, _versions(out), inputs)
         branch.filled[key] = branch.period
         self.refreshed = True
         return out

@@ -52,7 +52,7 @@ class Branch:
     pieces: dict[PieceKey, list[torch.Tensor]] = field(default_factory=dict)
     filled: dict[PieceKey | HookKey, int] = field(default_factory=dict)
     # hook sites (ForaConfig.hook_sites): the output of each call, and its tensors' versions
-    outputs: dict[HookKey, tuple[Any, tuple[int, ...]]] = field(default_factory=dict)
+    outputs: dict[HookKey, tuple[Any, tuple[int, ...], Any]] = field(default_factory=dict)
 
     def invalidate(self) -> None:
         self.owner = None
@@ -107,7 +107,7 @@ class Runtime:
             b.numel() * b.element_size()
             for branch in self.branches.values()
             for bufs in [*branch.buffers.values(), *branch.pieces.values(),
-                         *(tree_leaves(out) for out, _ in branch.outputs.values())]
+                         *(tree_leaves(out) for out, *_ in branch.outputs.values())]
             for b in bufs
             if isinstance(b, torch.Tensor)
         )
@@ -173,10 +173,10 @@ class Runtime:
             self._piece = None
             self._lock.release()
 
-    def run_module(self, path: str, call: Callable[[], Any]) -> Any:
+    def run_module(self, path: str, inputs: Any, call: Callable[[], Any]) -> Any:
         """A hook site's call (fora_fx/hooks.py); outside a transformed model's call it
         simply runs."""
-        return call() if self._piece is None else self._piece.run_module(path, call)
+        return call() if self._piece is None else self._piece.run_module(path, inputs, call)
 
     def run(self, pair: CompiledPair, args: Sequence[Any]) -> Any:
         if self._piece is not None:

@@ -286,3 +286,20 @@ def test_hidream_moe_in_hook_sites_equals_the_eager_reference():
     # the graphs Dynamo compiled from each kind of block's frame, listed for every block
     assert sorted(s.module_path for s in explanation.sites) == sorted(
         p for p in sites if not p.endswith("ff_i"))
+
+
+def test_a_hook_site_called_with_new_shapes_recomputes():
+    """A reuse step whose hooked module sees other input shapes than at the refresh (a new
+    resolution) computes it, as a graph met with new shapes does, and never returns the
+    other shape's output."""
+    torch.manual_seed(0)
+    model = _HookModel().eval()
+    fast = fora_fx.transform(model, interval=3, compiler="eager", fullgraph=False,
+                             hook_sites=("blocks.*.mlp",))
+    t = torch.full((2,), 999.0)
+    a, b = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        expected = model(b, t)
+    fast(a, t)  # step 0: refresh at 5 tokens
+    torch.testing.assert_close(fast(b, t), expected)  # step 1: 7 tokens, every site new
+    assert fast._fora_runtime.stats.history == [True, True]
