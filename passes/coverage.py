@@ -13,11 +13,11 @@ blocks whose projections read the token stream outside every candidate region.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from torch.fx import Node
 
-from .paths import block_key, module_class, module_stack, normalize_path
+from .paths import block_key, block_path, module_class, module_stack, normalize_path
 from .patterns import is_projection, is_token_product
 from .sites import Refusal, Site
 
@@ -77,6 +77,7 @@ def uncached_compute(
     regions: Iterable[set[Node]],
     skip: Iterable[str],
     sites: Iterable[str] = (),
+    attention_blocks: Collection[str] = (),
 ) -> list[str]:
     """Modules ("blocks.3.attn", or "blocks.3" for a block's own code) of repeated blocks
     whose projections or token products read the token stream outside every candidate
@@ -89,24 +90,27 @@ def uncached_compute(
     (a refused or deselected one is explained elsewhere); `skip`: module-path prefixes
     already reported (refusals, blocks with no candidate at all). A module named like one of
     `sites` (Lumina-Next runs `attn2.to_out` from its block, outside the cached `attn2`) is
-    named one level deeper ("layers.0.attn2.to_out").
+    named one level deeper ("layers.0.attn2.to_out"). `attention_blocks`: blocks whose
+    attention an earlier graph of a piecewise model holds, passed for a graph that holds no
+    attention itself (a piece of a module Dynamo could not capture whole, such as
+    HiDream-I1's mixture of experts): there, their projections are taken to be on the
+    stream.
     """
-    regions = [r for r in regions if any(block_key(n, paths) for n in r)]
+    regions = [r for r in regions if any(block_path(n, paths) for n in r)]
     covered: set[Node] = set().union(*regions) if regions else set()
     stream = downstream(n for r in regions for n in r if any(u not in r for u in n.users))
+    loose = set(attention_blocks)
     skip, sites = tuple(skip), set(sites)
     # (container, child) -> {"blocks.3.attn": on the stream}
     seen: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
     for n in nodes:
         if n in covered or not (is_projection(n) or is_token_product(n)):
             continue
-        block = block_key(n, paths)
-        stack = module_stack(n)
-        if block is None or not stack:
+        prefix = block_path(n, paths)
+        if prefix is None:
             continue
-        key, text = stack[-1]
+        key, text = module_stack(n)[-1]
         path = paths.get(key.split("@")[0]) or normalize_path(text)
-        prefix = f"{block[0]}.{block[1]}"
         where = prefix
         if path.startswith(prefix + "."):
             for part in path[len(prefix) + 1:].split("."):
@@ -117,8 +121,8 @@ def uncached_compute(
         if any(where == s or where.startswith(s + ".") or s.startswith(where + ".")
                for s in skip):
             continue
-        found = seen[(block[0], child)]
-        found[where] = found.get(where, False) or n in stream
+        found = seen[(prefix.rpartition(".")[0], child)]
+        found[where] = found.get(where, False) or n in stream or prefix in loose
     # The first block of a run reads the stream before any candidate output reaches it; its
     # module is listed when the same module of a later block in the run is.
     out = [w for found in seen.values() if any(found.values()) for w in found]

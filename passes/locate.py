@@ -56,8 +56,11 @@ class _Graph:
                 self.regions.setdefault(key, []).append(n)
                 self.path_text.setdefault(key, text)
         self.paths = paths or {}
+        self.frames: dict[str, str] = {}  # key -> path of modules that are a graph's root
 
     def path(self, key: str) -> str:
+        if key in self.frames:
+            return self.frames[key]
         base = key.split("@")[0]
         if base in self.paths:
             path = self.paths[base]
@@ -68,6 +71,17 @@ class _Graph:
     def innermost_key(self, node: Node) -> str | None:
         stack = module_stack(node)
         return stack[-1][0] if stack else None
+
+    def frame_key(self, node: Node) -> str | None:
+        """A key for the module whose own forward is this graph (Dynamo compiled a block's
+        frame, piecewise): it is in no node's stack, so it is named from the path of the
+        node's module's parent ("blocks.3.proj_out" -> "blocks.3")."""
+        key = self.innermost_key(node)
+        parent = self.path(key).rpartition(".")[0] if key is not None else ""
+        if not parent:
+            return None
+        self.frames[f"<frame {parent}>"] = parent
+        return f"<frame {parent}>"
 
     def lca_key(self, *nodes: Node) -> str | None:
         """The innermost module every one of `nodes` runs in."""
@@ -240,7 +254,8 @@ def locate(
     result.uncached = uncached_compute(
         g.nodes, g.paths, [region for _, _, region in candidates.values()],
         [r.module_path for r in result.refused] + result.uncovered,
-        [s.module_path for s in result.sites])
+        [s.module_path for s in result.sites],
+        () if any(kind != "mlp" for kind, _, _ in candidates.values()) else attention_blocks)
     return result
 
 
@@ -324,7 +339,7 @@ def _add_parallel_blocks(
         if len(attn_keys) != 1:
             continue
         (attn_key,) = attn_keys
-        block = g.lca_key(l1, l2)
+        block = g.lca_key(l1, l2) or g.frame_key(l2)
         if block is None or attn_key not in candidates:
             continue
         _, cores, attn_region = candidates.pop(attn_key)

@@ -45,6 +45,18 @@ def block_key(node: Node, paths: Mapping[str, str]) -> tuple[str, int, str] | No
     return None
 
 
+def block_path(node: Node, paths: Mapping[str, str]) -> str | None:
+    """"<container>.<i>" of the outermost numbered module in the path of the node's innermost
+    module. Unlike `block_key`, it names the block also for a graph Dynamo compiled from a
+    nested frame (a block's own forward, piecewise), whose stack holds only the frame's
+    submodules: `paths` gives their full names ("blocks.3.attn.to_q" -> "blocks.3")."""
+    stack = module_stack(node)
+    if not stack:
+        return None
+    key, text = stack[-1]
+    return outer_block(paths.get(key.split("@")[0]) or normalize_path(text))
+
+
 def outer_block(path: str) -> str | None:
     """The outermost numbered module of a module path: "blocks.3.attn.to_q" -> "blocks.3"."""
     m = _OUTER_BLOCK.match(path + ".")

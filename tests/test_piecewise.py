@@ -196,11 +196,13 @@ def test_hook_sites_cache_a_module_dynamo_cannot_capture():
     steps = [(torch.randn(2, 5, 16), torch.full((2,), 999.0 - 90 * k)) for k in range(7)]
     attn = [f"blocks.{i}.attn" for i in range(2)]
     mlps = [f"blocks.{i}.mlp" for i in range(2)]
-    # Piecewise alone caches the attentions; the MLPs run on every step.
+    # Piecewise alone caches the attentions; the MLPs run on every step, and explain says so
+    # (the MLP's pieces hold no candidate, but their block's attention is cached).
     fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
     got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
     for k, (g, e) in enumerate(zip(got, _reference(model, attn, steps), strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
+    assert fora_fx.explain(fast).uncached == ["blocks.0.mlp"]
     fora_fx.restore(fast)
     torch._dynamo.reset()
     # Named in hook_sites, the MLPs are cached too: what the paper's hooks compute.
@@ -303,3 +305,49 @@ def test_a_hook_site_called_with_new_shapes_recomputes():
     fast(a, t)  # step 0: refresh at 5 tokens
     torch.testing.assert_close(fast(b, t), expected)  # step 1: 7 tokens, every site new
     assert fast._fora_runtime.stats.history == [True, True]
+
+
+class _ParallelBlock(nn.Module):
+    """Flux's single block: attention and an MLP half concatenated into one projection."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(16, heads=2, dim_head=8)
+        self.proj_mlp, self.proj_out = nn.Linear(16, 32), nn.Linear(48, 16)
+
+    def forward(self, x, t):
+        h = torch.cat([self.attn(x), torch.nn.functional.gelu(self.proj_mlp(x))], dim=2)
+        return x + t[:, None, None] * self.proj_out(h)
+
+
+class _ParallelLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_ParallelBlock() for _ in range(2)])
+
+    def forward(self, x, t):
+        t = t / 1000.0
+        for block in self.blocks:
+            x = block(x, t)
+            torch._dynamo.graph_break()  # in a loop: Dynamo compiles each block's frame
+        return x
+
+
+def test_a_parallel_block_compiled_from_its_own_frame_is_one_site():
+    """No node of a graph compiled from the block's own frame has the block in its module
+    stack; the parallel site is still found, named after the block (HunyuanImage 2.1's
+    single blocks, piecewise, had only their attention cached)."""
+    torch.manual_seed(0)
+    model = _ParallelLoop().eval()
+    steps = [(torch.randn(2, 5, 16), torch.full((2,), 999.0 - 90 * k)) for k in range(7)]
+    expected = _reference(model, [f"blocks.{i}.proj_out" for i in range(2)], steps)
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
+    got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
+    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
+    explanation = fora_fx.explain(fast)
+    assert [(s.module_path, s.kind) for s in explanation.sites] == [
+        ("blocks.0", "parallel"), ("blocks.1", "parallel")]
+    assert explanation.uncached == []
