@@ -131,31 +131,40 @@ def _runtimes_and_models(obj: Any) -> list[tuple[Runtime, torch.nn.Module | None
     return [(rt, None) for rt in runtimes(obj)]
 
 
-def _block_runs(rt: Runtime, model: torch.nn.Module | None) -> dict[str, list[str]]:
-    """For each site whose graph ran several times per call (piecewise: Dynamo compiled a
-    block's own frame once and runs it for every block), the site's path in each run: the
-    block is the one whose parameters the run was called with ("blocks.0.attn" for the
-    graph's first block -> "blocks.2.attn" for the run with blocks.2's weights)."""
+def _block_runs(
+    rt: Runtime, model: torch.nn.Module | None
+) -> dict[str, tuple[bool, list[str]]]:
+    """For each site (True) or uncached module (False) of a graph that ran several times per
+    call (piecewise: Dynamo compiled a block's own frame once and runs it for every block),
+    its path in each run: the block is the one whose parameters the run was called with
+    ("blocks.0.attn" for the graph's first block -> "blocks.2.attn" for the run with
+    blocks.2's weights)."""
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     keys: dict[CompiledPair, dict[tuple[tuple[int, ...], int], None]] = {}
     for branch in rt.branches.values():
         for pair, params, occurrence in branch.pieces:
             keys.setdefault(pair, {})[(params, occurrence)] = None
-    out: dict[str, list[str]] = {}
+    out: dict[str, tuple[bool, list[str]]] = {}
     for pair, runs in keys.items():
         if len(runs) < 2:
             continue
-        for s in pair.sites:
-            base = outer_block(s.module_path)
+        named = [(s.module_path, True) for s in pair.sites]
+        for path, is_site in named + [(m, False) for m in pair.located.uncached]:
+            base = outer_block(path)
             paths = []
             for params, occurrence in runs:
                 blocks = {outer_block(names[i]) for i in params if i in names} - {None}
                 if base is not None and len(blocks) == 1:
-                    paths.append(f"{blocks.pop()}{s.module_path[len(base):]}")
+                    paths.append(f"{blocks.pop()}{path[len(base):]}")
                 else:  # not named by its weights: numbered by its occurrence
-                    paths.append(f"{s.module_path}#{occurrence}")
-            out[s.module_path] = list(dict.fromkeys(paths))
+                    paths.append(f"{path}#{occurrence}")
+            out[path] = (is_site, list(dict.fromkeys(paths)))
     return out
+
+
+def _path_order(path: str) -> list[tuple[int, int, str]]:
+    """Module paths in block order: "blocks.2.attn" before "blocks.10.attn"."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
 
 
 def _pairs(obj: Any) -> list[CompiledPair]:
@@ -196,23 +205,27 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     # sites are listed once per block it ran for.
     runs: dict[str, int] = {}
     for rt, model in _runtimes_and_models(obj):
-        for site_path, paths in _block_runs(rt, model).items():
-            site = sites.pop(site_path, None)
+        for first, (is_site, paths) in _block_runs(rt, model).items():
+            if not is_site:
+                if first in uncached:
+                    del uncached[first]
+                    uncached.update(dict.fromkeys(paths))
+                continue
+            site = sites.pop(first, None)
             for path in paths:
                 if site is not None:
                     sites.setdefault(path, dataclasses.replace(site, module_path=path))
                 runs[path] = max(runs.get(path, 1), len(paths))
     listed = list(sites.values())
     if runs:  # per-block copies follow their graph: list the sites in block order
-        listed.sort(key=lambda s: [(0, int(p), "") if p.isdigit() else (1, 0, p)
-                                   for p in s.module_path.split(".")])
+        listed.sort(key=lambda s: _path_order(s.module_path))
     pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
     return Explanation(
         sites=listed,
         refused=list(refused.values()),
         runs=runs,
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
-        uncached=[m for m in uncached if m not in sites],
+        uncached=sorted((m for m in uncached if m not in sites), key=_path_order),
         hooked=[p for rt in runtimes(obj) for p in rt.hooked],
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
