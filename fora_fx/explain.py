@@ -29,6 +29,7 @@ class Explanation:
     # number of blocks sharing the graph
     runs: dict[str, int] = field(default_factory=dict)
     hooked: list[str] = field(default_factory=list)  # ForaConfig.hook_sites' modules
+    piecewise: bool = False  # ForaConfig.fullgraph=False
     cache_bytes: int = 0
     pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
     batched: dict[str, list[Batched]] = field(default_factory=dict)  # first graph's, by variant
@@ -86,6 +87,11 @@ class Explanation:
                 "token-stream projections outside every attention / MLP found (they run on "
                 f"every step): {_ranges(self.uncached)}"
             )
+            if self.piecewise:
+                lines.append(
+                    "  (a module Dynamo cannot capture whole, such as a mixture of experts, "
+                    "can be cached around its call: ForaConfig(hook_sites=(\"<path pattern>\",)))"
+                )
         if self.show_graphs:
             for name, code in self.graphs.items():
                 lines += [f"--- {name} graph ---", code]
@@ -227,6 +233,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
         uncached=sorted((m for m in uncached if m not in sites), key=_path_order),
         hooked=[p for rt in runtimes(obj) for p in rt.hooked],
+        piecewise=any(not rt.config.fullgraph for rt in runtimes(obj)),
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
         batched=pair.batched,

@@ -202,7 +202,9 @@ def test_hook_sites_cache_a_module_dynamo_cannot_capture():
     got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
     for k, (g, e) in enumerate(zip(got, _reference(model, attn, steps), strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
-    assert fora_fx.explain(fast).uncached == ["blocks.0.mlp", "blocks.1.mlp"]  # per block
+    explanation = fora_fx.explain(fast)
+    assert explanation.uncached == ["blocks.0.mlp", "blocks.1.mlp"]  # per block
+    assert "can be cached around its call: ForaConfig(hook_sites=" in str(explanation)
     fora_fx.restore(fast)
     torch._dynamo.reset()
     # Named in hook_sites, the MLPs are cached too: what the paper's hooks compute.
