@@ -61,8 +61,9 @@ def build_pair(
     config: ForaConfig,
     module_paths: Mapping[str, str] | None = None,
     attention_blocks: Collection[str] = (),
+    known_sites: Collection[str] = (),
 ) -> CompiledPair:
-    located = locate(gm, module_paths, config.sites, attention_blocks)
+    located = locate(gm, module_paths, config.sites, attention_blocks, known_sites)
     sites = []
     for s in located.sites:
         pattern = config.excluded_by(s.module_path)
@@ -171,6 +172,7 @@ class ForaBackend:
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> CompiledPair:
         blocks: set[str] = set()
+        known: list[str] = []
         if self.config.fullgraph:
             _check_single_graph(gm)
         else:
@@ -184,7 +186,8 @@ class ForaBackend:
             # Graphs run in order: the blocks whose attention an earlier graph caches.
             blocks = {b for p in runtime.pairs for s in p.sites
                       if s.kind != "mlp" and (b := outer_block(s.module_path)) is not None}
-        pair = build_pair(gm, example_inputs, self.config, active_paths(), blocks)
+            known = [s.module_path for p in runtime.pairs for s in p.sites]
+        pair = build_pair(gm, example_inputs, self.config, active_paths(), blocks, known)
         pair.frame_effects = frame_effects()
         return pair
 

@@ -78,6 +78,7 @@ def uncached_compute(
     skip: Iterable[str],
     sites: Iterable[str] = (),
     attention_blocks: Collection[str] = (),
+    known_sites: Collection[str] = (),
 ) -> list[str]:
     """Modules ("blocks.3.attn", or "blocks.3" for a block's own code) of repeated blocks
     whose projections or token products read the token stream outside every candidate
@@ -94,13 +95,16 @@ def uncached_compute(
     attention an earlier graph of a piecewise model holds, passed for a graph that holds no
     attention itself (a piece of a module Dynamo could not capture whole, such as
     HiDream-I1's mixture of experts): there, their projections are taken to be on the
-    stream.
+    stream. `known_sites`: sites of a piecewise model's other graphs; a module holding one
+    is named a level deeper too (HiDream's "double_stream_blocks.0.block", which holds the
+    cached attention, -> "double_stream_blocks.0.block.ff_i").
     """
     regions = [r for r in regions if any(block_path(n, paths) for n in r)]
     covered: set[Node] = set().union(*regions) if regions else set()
     stream = downstream(n for r in regions for n in r if any(u not in r for u in n.users))
     loose = set(attention_blocks)
     skip, sites = tuple(skip), set(sites)
+    holders = {p.rsplit(".", k)[0] for p in known_sites for k in range(1, p.count(".") + 1)}
     # (container, child) -> {"blocks.3.attn": on the stream}
     seen: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
     for n in nodes:
@@ -115,7 +119,7 @@ def uncached_compute(
         if path.startswith(prefix + "."):
             for part in path[len(prefix) + 1:].split("."):
                 where += "." + part
-                if where not in sites:
+                if where not in sites and where not in holders:
                     break
         child = where[len(prefix) + 1:]
         if any(where == s or where.startswith(s + ".") or s.startswith(where + ".")

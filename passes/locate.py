@@ -126,6 +126,7 @@ def locate(
     paths: Mapping[str, str] | None = None,
     kinds: Sequence[str] = ("attn", "cross_attn", "mlp", "parallel"),
     attention_blocks: Collection[str] = (),
+    known_sites: Collection[str] = (),
 ) -> LocateResult:
     """Finds cache sites in `gm`. `paths` maps str(id(module)) -> qualified name, if known.
 
@@ -133,7 +134,8 @@ def locate(
     and its attention is not a site of its own; without it, only the attention is cached.
     `attention_blocks`: blocks ("blocks.3") whose attention another graph of the same model
     holds (a model Dynamo captures piecewise): an MLP inside them reads the token stream
-    although no attention precedes it in this graph.
+    although no attention precedes it in this graph. `known_sites`: the sites of those other
+    graphs, which name uncached modules more precisely (passes/coverage.py).
     """
     g = _Graph(gm, paths)
     result = LocateResult()
@@ -255,7 +257,8 @@ def locate(
         g.nodes, g.paths, [region for _, _, region in candidates.values()],
         [r.module_path for r in result.refused] + result.uncovered,
         [s.module_path for s in result.sites],
-        () if any(kind != "mlp" for kind, _, _ in candidates.values()) else attention_blocks)
+        () if any(kind != "mlp" for kind, _, _ in candidates.values()) else attention_blocks,
+        known_sites)
     return result
 
 

@@ -279,6 +279,12 @@ def test_hidream_moe_in_hook_sites_equals_the_eager_reference():
         ref = EagerFora(model, sites, interval=3, num_steps=5)
         expected = [ref(**s)[0] for s in steps]
         ref.remove()
+    # Without hook_sites, explain names the MoE modules as running on every step.
+    plain = fora_fx.transform(model, compiler="eager", fullgraph=False)
+    plain(**steps[0])
+    assert "single_stream_blocks.1.block.ff_i" in fora_fx.explain(plain).uncached
+    fora_fx.restore(plain)
+    torch._dynamo.reset()
     fast = fora_fx.transform(model, interval=3, num_steps=5, compiler="eager", fullgraph=False,
                              hook_sites=("*.ff_i",))
     got = [fast(**s)[0] for s in steps]
