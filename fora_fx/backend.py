@@ -8,7 +8,7 @@ registers it, guarded so that both paths work in either order (DESIGN.md section
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,12 +21,12 @@ from .dispatch import BufferSpec, CompiledPair, active_paths, active_runtime
 from .passes import (
     LocateResult,
     Refusal,
+    Site,
     batch_blocks,
     clone,
     elide_loads,
     locate,
     lower_stores,
-    outer_block,
     prune_chunked_linears,
     specialize,
     stack_names,
@@ -60,10 +60,9 @@ def build_pair(
     example_inputs: Sequence[Any],
     config: ForaConfig,
     module_paths: Mapping[str, str] | None = None,
-    attention_blocks: Collection[str] = (),
-    known_sites: Collection[str] = (),
+    earlier_sites: Sequence[Site] = (),
 ) -> CompiledPair:
-    located = locate(gm, module_paths, config.sites, attention_blocks, known_sites)
+    located = locate(gm, module_paths, config.sites, earlier_sites)
     sites = []
     for s in located.sites:
         pattern = config.excluded_by(s.module_path)
@@ -171,8 +170,7 @@ class ForaBackend:
         self.config = config
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> CompiledPair:
-        blocks: set[str] = set()
-        known: list[str] = []
+        earlier: list[Site] = []
         if self.config.fullgraph:
             _check_single_graph(gm)
         else:
@@ -183,11 +181,9 @@ class ForaBackend:
                     "decides each model call's step once for all of its graphs; "
                     "torch.compile(backend='fora') sees graphs, not model calls"
                 )
-            # Graphs run in order: the blocks whose attention an earlier graph caches.
-            blocks = {b for p in runtime.pairs for s in p.sites
-                      if s.kind != "mlp" and (b := outer_block(s.module_path)) is not None}
-            known = [s.module_path for p in runtime.pairs for s in p.sites]
-        pair = build_pair(gm, example_inputs, self.config, active_paths(), blocks, known)
+            # Graphs run in order: what the model's earlier graphs cache.
+            earlier = [s for p in runtime.pairs for s in p.sites]
+        pair = build_pair(gm, example_inputs, self.config, active_paths(), earlier)
         pair.frame_effects = frame_effects()
         return pair
 

@@ -11,8 +11,7 @@ import torch
 
 from .api import ForaModule, reset, runtimes
 from .dispatch import CompiledPair
-from .passes import Batched, Refusal, Site
-from .passes.paths import outer_block
+from .passes import Batched, Refusal, Site, outer_block, path_order
 from .pipelines import is_pipeline, wrapped
 from .runtime import Runtime
 
@@ -168,11 +167,6 @@ def _block_runs(
     return out
 
 
-def _path_order(path: str) -> list[tuple[int, int, str]]:
-    """Module paths in block order: "blocks.2.attn" before "blocks.10.attn"."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
-
-
 def _pairs(obj: Any) -> list[CompiledPair]:
     return [p for rt in runtimes(obj) for p in rt.pairs]
 
@@ -224,14 +218,14 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
                 runs[path] = max(runs.get(path, 1), len(paths))
     listed = list(sites.values())
     if runs:  # per-block copies follow their graph: list the sites in block order
-        listed.sort(key=lambda s: _path_order(s.module_path))
+        listed.sort(key=lambda s: path_order(s.module_path))
     pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
     return Explanation(
         sites=listed,
         refused=list(refused.values()),
         runs=runs,
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
-        uncached=sorted((m for m in uncached if m not in sites), key=_path_order),
+        uncached=sorted((m for m in uncached if m not in sites), key=path_order),
         hooked=[p for rt in runtimes(obj) for p in rt.hooked],
         piecewise=any(not rt.config.fullgraph for rt in runtimes(obj)),
         graphs_compiled=len(pairs),

@@ -10,7 +10,7 @@
 
 from .batch import Batched, Stack, batch_blocks, stack_names
 from .locate import locate
-from .paths import normalize_path, outer_block
+from .paths import normalize_path, outer_block, path_order
 from .prune import prune_chunked_linears
 from .sites import LocateResult, Refusal, Site
 from .specialize import buffer_names, clone, elide_loads, lower_stores, specialize
@@ -32,6 +32,7 @@ __all__ = [
     "lower_stores",
     "normalize_path",
     "outer_block",
+    "path_order",
     "prune_chunked_linears",
     "specialize",
     "verify",

@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable, Mapping
 
 from torch.fx import Node
 
-from .paths import block_key, block_path, module_class, module_stack, normalize_path
+from .paths import block_key, block_path, module_class, node_path, outer_block, path_order
 from .patterns import is_projection, is_token_product
 from .sites import Refusal, Site
 
@@ -110,11 +110,10 @@ def uncached_compute(
     for n in nodes:
         if n in covered or not (is_projection(n) or is_token_product(n)):
             continue
-        prefix = block_path(n, paths)
-        if prefix is None:
+        path = node_path(n, paths)
+        prefix = None if path is None else outer_block(path)
+        if path is None or prefix is None:
             continue
-        key, text = module_stack(n)[-1]
-        path = paths.get(key.split("@")[0]) or normalize_path(text)
         where = prefix
         if path.startswith(prefix + "."):
             for part in path[len(prefix) + 1:].split("."):
@@ -130,8 +129,4 @@ def uncached_compute(
     # The first block of a run reads the stream before any candidate output reaches it; its
     # module is listed when the same module of a later block in the run is.
     out = [w for found in seen.values() if any(found.values()) for w in found]
-    return sorted(out, key=_block_order)
-
-
-def _block_order(path: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))
+    return sorted(out, key=path_order)

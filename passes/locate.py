@@ -20,7 +20,7 @@ A candidate is refused (with a reason) when caching it would not be FORA: passes
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch.fx import GraphModule, Node
 
@@ -125,18 +125,19 @@ def locate(
     gm: GraphModule,
     paths: Mapping[str, str] | None = None,
     kinds: Sequence[str] = ("attn", "cross_attn", "mlp", "parallel"),
-    attention_blocks: Collection[str] = (),
-    known_sites: Collection[str] = (),
+    earlier_sites: Sequence[Site] = (),
 ) -> LocateResult:
     """Finds cache sites in `gm`. `paths` maps str(id(module)) -> qualified name, if known.
 
     With "parallel" in `kinds`, a parallel block's fused attention + MLP output is one site
     and its attention is not a site of its own; without it, only the attention is cached.
-    `attention_blocks`: blocks ("blocks.3") whose attention another graph of the same model
-    holds (a model Dynamo captures piecewise): an MLP inside them reads the token stream
-    although no attention precedes it in this graph. `known_sites`: the sites of those other
-    graphs, which name uncached modules more precisely (passes/coverage.py).
+    `earlier_sites`: the sites of the same model's earlier graphs (a model Dynamo captures
+    piecewise). An MLP inside a block ("blocks.3") whose attention one of them holds reads
+    the token stream although no attention precedes it in this graph; they also name
+    uncached modules more precisely (passes/coverage.py).
     """
+    attention_blocks = {b for s in earlier_sites
+                        if s.kind != "mlp" and (b := outer_block(s.module_path)) is not None}
     g = _Graph(gm, paths)
     result = LocateResult()
     # key -> (kind, cores, region); the key is the nn_module_stack key naming the site
@@ -258,7 +259,7 @@ def locate(
         [r.module_path for r in result.refused] + result.uncovered,
         [s.module_path for s in result.sites],
         () if any(kind != "mlp" for kind, _, _ in candidates.values()) else attention_blocks,
-        known_sites)
+        [s.module_path for s in earlier_sites])
     return result
 
 

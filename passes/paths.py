@@ -45,16 +45,27 @@ def block_key(node: Node, paths: Mapping[str, str]) -> tuple[str, int, str] | No
     return None
 
 
+def node_path(node: Node, paths: Mapping[str, str]) -> str | None:
+    """The path of the innermost module the node runs in, or None outside every module."""
+    stack = module_stack(node)
+    if not stack:
+        return None
+    key, text = stack[-1]
+    return paths.get(key.split("@")[0]) or normalize_path(text)
+
+
+def path_order(path: str) -> list[tuple[int, int, str]]:
+    """Sort key for module paths in block order: "blocks.2.attn" before "blocks.10.attn"."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
 def block_path(node: Node, paths: Mapping[str, str]) -> str | None:
     """"<container>.<i>" of the outermost numbered module in the path of the node's innermost
     module. Unlike `block_key`, it names the block also for a graph Dynamo compiled from a
     nested frame (a block's own forward, piecewise), whose stack holds only the frame's
     submodules: `paths` gives their full names ("blocks.3.attn.to_q" -> "blocks.3")."""
-    stack = module_stack(node)
-    if not stack:
-        return None
-    key, text = stack[-1]
-    return outer_block(paths.get(key.split("@")[0]) or normalize_path(text))
+    path = node_path(node, paths)
+    return None if path is None else outer_block(path)
 
 
 def outer_block(path: str) -> str | None:
