@@ -163,7 +163,10 @@ def _block_runs(
                     paths.append(f"{blocks.pop()}{path[len(base):]}")
                 else:  # not named by its weights: numbered by its occurrence
                     paths.append(f"{path}#{occurrence}")
-            out[path] = (is_site, list(dict.fromkeys(paths)))
+            # Several graphs may hold the same module (an expert loop's pieces): their
+            # runs add up, the last graph's must not replace the first's.
+            seen = out[path][1] if path in out else []
+            out[path] = (is_site, list(dict.fromkeys(seen + paths)))
     return out
 
 
