@@ -39,7 +39,8 @@ def transformer_names(pipe: Any) -> list[str]:
 
 def transform_pipeline(pipe: Any, config: ForaConfig, wrap: Any) -> Any:
     """Replaces `pipe.transformer` (and `transformer_2`, ...) by `wrap(transformer, config,
-    source)`; returns `pipe`. Each transformer has its own caches and step counting."""
+    source)`; returns `pipe`. Each transformer has its own caches; all follow the
+    pipeline's steps (one `PipelineSteps`)."""
     model = getattr(pipe, "transformer", None)
     if model is None or not isinstance(model, torch.nn.Module):
         has_unet = isinstance(getattr(pipe, "unet", None), torch.nn.Module)
@@ -51,8 +52,9 @@ def transform_pipeline(pipe: Any, config: ForaConfig, wrap: Any) -> Any:
         )
     if type(model).__name__ == "ForaModule":
         raise TypeError("fora_fx.transform: this pipeline is already transformed")
+    steps = PipelineSteps(pipe)
     for name in transformer_names(pipe):
-        fast = wrap(getattr(pipe, name), config, PipelineSteps(pipe))
+        fast = wrap(getattr(pipe, name), config, steps)
         # object.__setattr__ skips DiffusionPipeline.__setattr__, which would record the
         # wrapper's class in the pipeline config (save_pretrained must still name the model).
         object.__setattr__(pipe, name, fast)

@@ -42,6 +42,7 @@ class Branch:
 
     owner: CompiledPair | None = None  # whose buffers hold this generation's cache
     buffers: dict[CompiledPair, list[torch.Tensor]] = field(default_factory=dict)
+    name: str = "default"
     calls: int = 0  # calls in this generation: the step index when nothing else says
     # Piecewise calls (ForaConfig.fullgraph=False, several graphs per model call): the
     # scheduled refreshes so far, and for each graph the one its cache was last filled in.
@@ -115,11 +116,12 @@ class Runtime:
     def _position(self) -> tuple[Branch, int, int | None]:
         num_steps = self.config.num_steps
         step: int | None = None
+        token: object = None
         if self.source is not None:
             token, step, n = self.source.position()
-            if token is not self._token:  # a new pipeline call: a new generation
-                self.reset()
-                self._token = token
+            if token is not self._token:  # a new pipeline call: a new generation (for
+                self._restart()  # this transformer; the pipeline's counts restart
+                self._token = token  # themselves, on the token)
             if n is not None:
                 num_steps = n
         if self.context is not None:
@@ -133,8 +135,10 @@ class Runtime:
             name = DEFAULT_BRANCH
         branch = self.branches.get(name)
         if branch is None:  # not setdefault: that would build a Branch on every step
-            branch = self.branches[name] = Branch()
-        return branch, (step if step is not None else branch.calls), num_steps
+            branch = self.branches[name] = Branch(name=name)
+        if step is None:  # counted: a pipeline's count spans all of its transformers
+            step = branch.calls if self.source is None else self.source.counted(token, name)
+        return branch, step, num_steps
 
     def _enter(self) -> None:
         if self.released:
@@ -233,7 +237,9 @@ class Runtime:
         s.history.append(refreshed)
         del s.history[:-4096]
         branch.calls += 1
-        if self.source is None and num_steps is not None and branch.calls >= num_steps:
+        if self.source is not None:
+            self.source.advance(branch.name)
+        elif num_steps is not None and branch.calls >= num_steps:
             branch.calls = 0  # counted steps wrap: a new generation
             branch.invalidate()
 
@@ -254,6 +260,11 @@ class Runtime:
 
     def reset(self) -> None:
         """The next call is step 0 of a new generation; no cached value is read again."""
+        self._restart()
+        if self.source is not None:
+            self.source.restart()
+
+    def _restart(self) -> None:
         for branch in self.branches.values():
             branch.calls = 0
             branch.invalidate()

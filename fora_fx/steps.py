@@ -22,10 +22,17 @@ class PipelineSteps:
 
     The scheduler is looked up on the pipeline each time: replacing `pipe.scheduler` after
     transforming is fine.
+
+    Counted steps are the pipeline's too: one `PipelineSteps` serves all of a pipeline's
+    transformers, and `counted` / `advance` keep each branch's calls in this generation over
+    all of them. Wan 2.2's second expert, first called at step 4, is at step 4 with a
+    scheduler that has no step_index as with one that has.
     """
 
     def __init__(self, pipe: Any):
         self._pipe = weakref.ref(pipe)
+        self._calls: dict[str, int] = {}  # branch name -> calls in the counted generation
+        self._counted: object = None  # the generation (`timesteps` tensor) they belong to
 
     def position(self) -> tuple[object, int | None, int | None]:
         pipe = self._pipe()
@@ -40,3 +47,17 @@ class PipelineSteps:
             if step is None:
                 step = getattr(scheduler, "begin_index", None) or 0
         return timesteps, step, num_steps
+
+    def counted(self, token: object, branch: str) -> int:
+        """The step of `branch`'s next call in generation `token` (the `timesteps` tensor
+        position() returned), counted over every transformer of the pipeline."""
+        if token is not self._counted:
+            self._calls, self._counted = {}, token
+        return self._calls.get(branch, 0)
+
+    def advance(self, branch: str) -> None:
+        self._calls[branch] = self._calls.get(branch, 0) + 1
+
+    def restart(self) -> None:
+        """fora_fx.reset: the next call of every branch is step 0."""
+        self._calls = {}

@@ -44,13 +44,20 @@ class Scheduler(CountingScheduler):
 
 
 class Pipe:
-    def __init__(self, scheduler: Scheduler | None = None) -> None:
+    """boundary: Wan 2.2's two experts, `transformer` for the steps before it and
+    `transformer_2` from it on."""
+
+    def __init__(self, scheduler: Scheduler | None = None, boundary: int | None = None) -> None:
         self.transformer = toy.Toy()
         self.scheduler = scheduler or Scheduler()
+        self.boundary = boundary
+        if boundary is not None:
+            self.transformer_2 = toy.Toy()
 
     @property
     def components(self) -> dict:
-        return {"transformer": self.transformer, "scheduler": self.scheduler}
+        experts = {"transformer_2": self.transformer_2} if self.boundary is not None else {}
+        return {"transformer": self.transformer, **experts, "scheduler": self.scheduler}
 
     def __call__(self, ts: list[float], second: list[float] | None = None,
                  contexts: tuple[str, str] | None = None, fail_at: int | None = None
@@ -61,12 +68,15 @@ class Pipe:
         for k, t in enumerate(ts):
             if k == fail_at:
                 raise RuntimeError("interrupted")
-            ctx = self.transformer.cache_context if contexts else None
+            model = self.transformer
+            if self.boundary is not None and k >= self.boundary:
+                model = self.transformer_2
+            ctx = model.cache_context if contexts else None
             with ctx(contexts[0]) if ctx else contextlib.nullcontext():
-                a = self.transformer(*toy.inputs(t)).item()
+                a = model(*toy.inputs(t)).item()
             if second is not None:
                 with ctx(contexts[1]) if ctx else contextlib.nullcontext():
-                    b = self.transformer(*toy.inputs(second[k])).item()
+                    b = model(*toy.inputs(second[k])).item()
                 out.append((a, b))
             else:
                 out.append((a,))

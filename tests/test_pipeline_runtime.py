@@ -37,6 +37,34 @@ def test_each_pipeline_call_is_a_generation_and_last_step_recomputes(scheduler):
     assert [o[0] for o in pipe(TS)] == expected(TS)
 
 
+@pytest.mark.parametrize("scheduler", [None, CountingScheduler()], ids=["step_index", "counted"])
+def test_two_experts_follow_the_pipelines_steps(scheduler):
+    # Wan 2.2: transformer runs steps 0-1, transformer_2 steps 2-6, cond and uncond in
+    # cache_context. The second expert's first call recomputes (its cache is empty); after
+    # it both follow the pipeline's steps, also when the scheduler has no step_index and
+    # steps are counted. Counting its own calls, transformer_2 would recompute at its 0 and
+    # 3 (steps 2 and 5) and miss step 6.
+    pipe = fora_fx.transform(Pipe(scheduler, boundary=2), interval=3, compiler="eager")
+    second = [t + 10 for t in TS]
+    for _ in range(2):
+        out = pipe(TS, second=second, contexts=("cond", "uncond"))
+        for branch, ts in enumerate((TS, second)):
+            want = expected(ts)[:2] + [R(ts[2]), R(ts[3]), U(ts[4], ts[3]), U(ts[5], ts[3]),
+                                       R(ts[6])]
+            assert [o[branch] for o in out] == want
+    histories = [pipe.transformer._fora_runtime.stats.history,
+                 pipe.transformer_2._fora_runtime.stats.history]
+    assert histories == [[True, True, False, False] * 2,
+                         ([True] * 4 + [False] * 4 + [True] * 2) * 2]  # two branches
+    fora_fx.reset(pipe)  # within a generation: the next call is step 0 for every expert
+    expert = pipe.transformer_2
+    with expert.cache_context("cond"):
+        assert expert(*toy.inputs(5)).item() == R(5)
+        pipe.scheduler.step()
+        assert expert(*toy.inputs(6)).item() == U(6, 5)
+    fora_fx.restore(pipe)
+
+
 def test_two_calls_per_step_get_separate_caches():
     pipe = fora_fx.transform(Pipe(), interval=3, compiler="eager")
     second = [10 * t for t in TS]
