@@ -166,7 +166,10 @@ class ForaModule(torch.nn.Module):
                 "Dynamo error below names the line; that code must change (e.g. no Python "
                 "branch on a tensor's value) before FORA can cache this model as one graph; "
                 "or transform it with fullgraph=False to cache the sites of the graphs "
-                "Dynamo does capture (slower per step: Python between the graphs)."
+                "Dynamo does capture (slower per step: Python between the graphs). If that "
+                "line runs on the first call only (a table built lazily, as Bria FIBO 2's "
+                "rotary embedder does), call the untransformed model once before transforming "
+                "it."
             ) from e
 
     @contextlib.contextmanager

@@ -197,3 +197,32 @@ def test_deleting_the_model_frees_its_cache():
     del fast, buffers
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+class LazyTable(toy.Toy):
+    """Builds a table on its first call inside `with torch.device("cpu")`, which Dynamo
+    does not capture (Bria FIBO 2's rotary embedder does so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            with torch.device("cpu"):
+                self.table = torch.ones(1, dtype=torch.float64)
+        return super().forward(x * self.table, t)
+
+
+def test_a_break_on_the_first_call_only_says_to_call_the_model_once():
+    torch._dynamo.reset()
+    model = LazyTable()
+    fast = fora_fx.transform(model, interval=3, compiler="eager")
+    with pytest.raises(RuntimeError, match="as one graph.*call the untransformed model once"):
+        fast(*toy.inputs(1))
+    fora_fx.restore(fast)
+    torch._dynamo.reset()
+    model(*toy.inputs(1))  # the table is built
+    fast = fora_fx.transform(model, interval=3, compiler="eager")
+    assert [fast(*toy.inputs(t)).item() for t in (1, 2)] == [toy.recomputed(1),
+                                                             toy.reused(2, 1)]
