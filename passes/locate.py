@@ -25,14 +25,14 @@ from collections.abc import Mapping, Sequence
 from torch.fx import GraphModule, Node
 
 from .coverage import downstream, uncached_compute, uncovered_blocks
+from .lora import find_adapted
 from .paths import module_stack, normalize_path, outer_block
 from .patterns import (
+    Projections,
     attention_qk,
     is_attention_core,
     is_expert_projection,
-    is_linear,
     is_parameter,
-    is_projection,
     is_token_product,
     mlp_chain,
     parallel_chain,
@@ -160,8 +160,9 @@ def locate(
         cores = (prev[1] if prev else set()) | {core}
         candidates[key] = (prev[0] if prev else kind, cores, region)
 
+    proj = Projections(find_adapted(g.nodes))  # LoRA-adapted Linears count as Linears
     if "parallel" in kinds:
-        _add_parallel_blocks(g, candidates)
+        _add_parallel_blocks(g, candidates, proj)
 
     # An MLP of the token stream runs after some attention, or beside one on the same input
     # (Flux 3's mode blocks: attn(x) + ff(x), the first of them before any attention);
@@ -177,16 +178,16 @@ def locate(
         if a not in region
     }
     for l2 in g.nodes:
-        if not is_projection(l2):
+        if not proj.is_projection(l2):
             continue
-        found = mlp_chain(l2)
+        found = mlp_chain(l2, proj)
         if found is None:
             continue
         firsts, between = found
         key = g.lca_key(l2, *firsts)
         if key is None:
             continue
-        if not (all(l1 in stream for l1 in firsts) or firsts[0].args[0] in attn_inputs
+        if not (all(l1 in stream for l1 in firsts) or proj.input(firsts[0]) in attn_inputs
                 or outer_block(g.path(key)) in attention_blocks):
             continue
         if key in candidates and candidates[key][0] != "mlp":
@@ -317,7 +318,7 @@ def _inline_mlps(
 
 
 def _add_parallel_blocks(
-    g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]]
+    g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]], proj: Projections
 ) -> None:
     """Merges an attention and the MLP that shares its output projection into one site.
 
@@ -333,9 +334,9 @@ def _add_parallel_blocks(
                 if any(u not in region for u in n.users):
                     attn_ends[n] = key
     for l2 in g.nodes:
-        if not is_linear(l2):
+        if not proj.is_linear(l2):
             continue
-        found = parallel_chain(l2, attn_ends)
+        found = parallel_chain(l2, attn_ends, proj)
         if found is None:
             continue
         chain, l1, reached = found

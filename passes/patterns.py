@@ -115,6 +115,44 @@ def is_linear(node: Node) -> bool:
     return _matches(node, _LINEAR)
 
 
+def identity_source(node: Node) -> Node:
+    """`node` with dropouts and casts (identities at inference) stripped from its front."""
+    while _matches(node, {F.dropout, "to", "float", "half", "contiguous", "type_as"}) \
+            and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+class Projections:
+    """What counts as a projection's output, and what it projects: the graph's Linears,
+    convolutions and weight products, and the outputs of LoRA-adapted Linears
+    (passes/lora.py: `adapted` maps each to its base Linear and its adapters' nodes)."""
+
+    def __init__(self, adapted: dict[Node, tuple[Node, frozenset[Node]]] | None = None):
+        self.adapted = adapted or {}
+        self.internal = {n for base, parts in self.adapted.values() for n in (base, *parts)}
+
+    def is_projection(self, node: Node) -> bool:
+        return node in self.adapted or (is_projection(node) and node not in self.internal)
+
+    def is_linear(self, node: Node) -> bool:
+        return node in self.adapted or (is_linear(node) and node not in self.internal)
+
+    def input(self, node: Node) -> object:
+        base = self.adapted[node][0] if node in self.adapted else node
+        return base.args[0] if base.args else None
+
+    def nodes(self, node: Node) -> set[Node]:
+        """The projection's own nodes: itself, or its base Linear and adapters."""
+        if node in self.adapted:
+            base, parts = self.adapted[node]
+            return {node, base, *parts}
+        return {node}
+
+
+PLAIN = Projections()
+
+
 # Convolutions as an MLP's projections: Sana's GLUMBConv is 1x1 conv -> SiLU -> depthwise 3x3
 # conv -> GLU -> 1x1 conv over the token grid.
 _CONV = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
@@ -169,8 +207,11 @@ def attention_qk(core: Node) -> tuple[Node, Node] | None:
     return None
 
 
-def mlp_chain(l2: Node) -> tuple[list[Node], set[Node]] | None:
-    """(the projections feeding `l2` through activation / glue ops only, those ops), or None.
+def mlp_chain(
+    l2: Node, proj: Projections = PLAIN
+) -> tuple[list[Node], set[Node]] | None:
+    """(the projections feeding `l2` through activation / glue ops only, those ops and the
+    projections' own nodes), or None.
 
     diffusers FeedForward (proj -> GELU / GEGLU -> dropout -> Linear), timm Mlp (fc1 -> GELU
     -> fc2), Sana's GLUMBConv (convolutions: depthwise conv -> GLU -> 1x1 conv), timestep
@@ -178,7 +219,7 @@ def mlp_chain(l2: Node) -> tuple[list[Node], set[Node]] | None:
     gate and value Linears (AuraFlow's `out_projection(silu(linear_1(x)) * linear_2(x))`,
     FIBO 2's `w2(silu(w1(x)) * w3(x))`) has two first projections, which must read one input.
     """
-    x = l2.args[0] if l2.args else None
+    x = proj.input(l2)
     if not isinstance(x, Node):
         return None
     sources: dict[Node, None] = {}
@@ -189,7 +230,7 @@ def mlp_chain(l2: Node) -> tuple[list[Node], set[Node]] | None:
         if n in seen:
             continue
         seen.add(n)
-        if is_projection(n):
+        if proj.is_projection(n):
             sources[n] = None
             continue
         if _matches(n, _ACTIVATIONS):
@@ -201,13 +242,13 @@ def mlp_chain(l2: Node) -> tuple[list[Node], set[Node]] | None:
             return None
     if not (saw_activation and sources):
         return None
-    if len({n.args[0] if n.args else None for n in sources}) != 1:
+    if len({proj.input(n) for n in sources}) != 1:
         return None  # projections of different inputs: not one MLP
-    return list(sources), seen
+    return list(sources), seen.union(*(proj.nodes(n) for n in [l2, *sources]))
 
 
 def parallel_chain(
-    l2: Node, attention_outputs: Iterable[Node]
+    l2: Node, attention_outputs: Iterable[Node], proj: Projections = PLAIN
 ) -> tuple[set[Node], Node, set[Node]] | None:
     """A parallel block's fused output projection, or None.
 
@@ -219,7 +260,7 @@ def parallel_chain(
     the attention outputs reached).
     """
     outs = set(attention_outputs)
-    x = l2.args[0] if l2.args else None
+    x = proj.input(l2)
     if not isinstance(x, Node):
         return None
     chain, firsts, reached = {l2}, set(), set()
@@ -233,7 +274,7 @@ def parallel_chain(
             reached.add(n)
             continue
         chain.add(n)
-        if is_linear(n):
+        if proj.is_linear(n):
             firsts.add(n)
             continue
         if _matches(n, _CAT):
@@ -246,5 +287,5 @@ def parallel_chain(
         if len(chain) > 24:
             return None
     if saw_cat and saw_activation and len(firsts) == 1 and reached:
-        return chain, firsts.pop(), reached
+        return chain.union(*(proj.nodes(n) for n in [l2, *firsts])), firsts.pop(), reached
     return None

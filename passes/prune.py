@@ -20,14 +20,24 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .effects import eliminate_dead_code
+from .lora import find_adapted
 from .patterns import is_linear
 
 _CHUNK = {torch.chunk, "chunk"}
 
 
-def _chunk_of(linear: Node) -> tuple[Node, int] | None:
-    """The single chunk user of `linear` along its last dim, and the number of chunks."""
+_CASTS = {"to", "float", "half", "type_as"}
+
+
+def _chunk_of(linear: Node) -> tuple[Node, int, list[Node]] | None:
+    """The single chunk user of `linear` along its last dim, the number of chunks, and the
+    casts between them (peft's LoRA casts its sum back to the base Linear's dtype)."""
+    casts: list[Node] = []
     users = list(linear.users)
+    while len(users) == 1 and users[0].op == "call_method" and users[0].target in _CASTS \
+            and users[0].args[0] is (casts[-1] if casts else linear):
+        casts.append(users[0])
+        users = list(users[0].users)
     if len(users) != 1:
         return None
     chunk = users[0]
@@ -41,43 +51,34 @@ def _chunk_of(linear: Node) -> tuple[Node, int] | None:
         return None
     if dim not in (-1, val.ndim - 1) or val.shape[-1] % n:
         return None
-    return chunk, n
+    return chunk, n, casts
 
 
 def prune_chunked_linears(gm: GraphModule) -> int:
     """Returns how many Linears were narrowed to their live chunks."""
     graph = gm.graph
     pruned = 0
+    adapted = find_adapted(graph.nodes)  # LoRA on the adaLN Linear: narrow its B too
     for linear in list(graph.nodes):
-        if not is_linear(linear) or linear.op != "call_function":
+        if linear not in adapted and (not is_linear(linear) or linear.op != "call_function"):
             continue
         found = _chunk_of(linear)
         if found is None:
             continue
-        chunk, n = found
+        chunk, n, casts = found
         getters = list(chunk.users)
         if not all(g.target is operator.getitem and isinstance(g.args[1], int) for g in getters):
             continue
         live = sorted({int(g.args[1]) % n for g in getters})
         if len(live) == n:
             continue
-        args = list(linear.args) + [None] * 3
-        x = args[0]
-        weight = args[1] if args[1] is not None else linear.kwargs.get("weight")
-        bias = args[2] if args[2] is not None else linear.kwargs.get("bias")
         size = linear.meta["example_value"].shape[-1] // n
         for g in getters:
             k = int(g.args[1]) % n
             with graph.inserting_before(g):
-                w = graph.call_function(torch.narrow, (weight, 0, k * size, size))
-                b = graph.call_function(torch.narrow, (bias, 0, k * size, size)) if bias else None
-                part = graph.call_function(linear.target, (x, w, b))
-            for new in (w, b):  # the narrows run in the Linear's module, like the Linear
-                if new is not None:
-                    new.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
-                    val = new.args[0].meta.get("example_value")  # type: ignore[union-attr]
-                    if isinstance(val, torch.Tensor):
-                        new.meta["example_value"] = val.narrow(0, k * size, size)
+                part = _narrowed(graph, linear, adapted.get(linear), k * size, size)
+                for cast in casts:
+                    part = graph.call_method(cast.target, (part, *cast.args[1:]), cast.kwargs)
             part.meta.update({k2: v for k2, v in g.meta.items() if k2 != "example_value"})
             part.meta["example_value"] = g.meta.get("example_value")
             g.replace_all_uses_with(part)
@@ -86,3 +87,53 @@ def prune_chunked_linears(gm: GraphModule) -> int:
     graph.lint()
     gm.recompile()
     return pruned
+
+
+def _narrowed(
+    graph: torch.fx.Graph, out: Node, lora: tuple[Node, frozenset[Node]] | None,
+    start: int, size: int,
+) -> Node:
+    """Output features [start, start + size) of a Linear, or of a LoRA-adapted one: its base
+    and its adapters' B projections narrowed, the A projections (rank-wide) shared by every
+    chunk, the scalings and adds copied."""
+    if lora is None:
+        return _narrow_linear(graph, out, start, size)
+    base, parts = lora
+    b_side = {p for p in parts if is_linear(p) and p.args[0] in parts and is_linear(p.args[0])}
+    env: dict[Node, Node] = {}
+    for node in [n for n in graph.nodes if n is base or n in parts]:  # graph order: every
+        # copy's inputs are mapped before it
+        if node is base or node in b_side:
+            env[node] = _narrow_linear(graph, node, start, size, env)
+        elif any(a in env for a in node.all_input_nodes):  # scalings and adds; the A side
+            env[node] = graph.node_copy(node, lambda a: env.get(a, a))  # stays shared
+            _narrow_meta(env[node], node, start, size)
+    return env[out]
+
+
+def _narrow_linear(
+    graph: torch.fx.Graph, linear: Node, start: int, size: int, env: dict | None = None
+) -> Node:
+    args = list(linear.args) + [None] * 3
+    x = env.get(args[0], args[0]) if env is not None else args[0]
+    weight = args[1] if args[1] is not None else linear.kwargs.get("weight")
+    bias = args[2] if args[2] is not None else linear.kwargs.get("bias")
+    w = graph.call_function(torch.narrow, (weight, 0, start, size))
+    b = graph.call_function(torch.narrow, (bias, 0, start, size)) if bias else None
+    for new in (w, b):  # the narrows run in the Linear's module, like the Linear
+        if new is not None:
+            new.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
+            val = new.args[0].meta.get("example_value")  # type: ignore[union-attr]
+            if isinstance(val, torch.Tensor):
+                new.meta["example_value"] = val.narrow(0, start, size)
+    part = graph.call_function(linear.target, (x, w, b))
+    if env is not None:  # inside a LoRA copy; the caller gives the chunk's own its meta
+        _narrow_meta(part, linear, start, size)
+    return part
+
+
+def _narrow_meta(new: Node, old: Node, start: int, size: int) -> None:
+    new.meta.update({k: v for k, v in old.meta.items() if k != "example_value"})
+    val = old.meta.get("example_value")
+    if isinstance(val, torch.Tensor):
+        new.meta["example_value"] = val.narrow(-1, start, size)
