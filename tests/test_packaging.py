@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -50,3 +51,32 @@ def test_wheel_layout_and_fresh_install(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     module_file, passes_file = run.stdout.split()
     assert module_file.startswith(str(target)) and passes_file.startswith(str(target))
+
+
+def test_gpu_setup_imports_fora_fx_with_nothing_installed(tmp_path):
+    """The GPU check runs in a carried checkout with nothing installed. There `python3 -c
+    "import fora_fx"` finds the checkout, which cannot import fora_fx.passes (pyproject maps
+    passes/ there); examples/gpu_setup.sh lays the package out as an install would
+    (examples/gpu_src.sh) and keeps the checkout off sys.path. Run here with `python -S`, so
+    that this venv's editable install (a .pth file) is not seen, and a fake nvidia-smi."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python3", f'exec {sys.executable} -S "$@"'),
+                       ("nvidia-smi", "echo name; echo 'no GPU (test)'")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYTHONPATH": sysconfig.get_paths()["purelib"], "OUT": str(tmp_path / "out"),
+           "FORA_SRC": str(tmp_path / "src"), "FORA_WHEELS": str(tmp_path / "no-wheels")}
+    env.pop("PYTHONSAFEPATH", None)
+    show = "python3 -c 'import fora_fx.bench.run, fora_fx; print(fora_fx.__file__)'"
+
+    def bash(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    plain = bash(show)  # the checkout as it is: the failure the setup avoids
+    assert plain.returncode != 0 and "No module named 'fora_fx.passes'" in plain.stderr
+    staged = bash(f"source examples/gpu_setup.sh && {show}")
+    assert staged.returncode == 0, staged.stderr[-2000:]
+    assert staged.stdout.split()[-1] == str(tmp_path / "src" / "fora_fx" / "__init__.py")
