@@ -4,6 +4,8 @@ reference on the adapted model, before and after the adapters change."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from fora_fx.passes import locate
@@ -142,3 +144,39 @@ def test_lora_changed_between_generations(compiler):
         assert not torch.allclose(got[-1], before[-1]), what  # the change took effect
         before = got
     fora_fx.restore(fast)
+
+
+def test_load_lora_weights_on_a_transformed_pipeline():
+    """diffusers' `pipe.load_lora_weights` on a transformed pipeline reaches the original
+    transformer; the sites stay, and the pipeline equals the eager reference with the LoRA."""
+    from pipes import make_pipe, output_tensor
+
+    from peft.utils import get_peft_model_state_dict
+    from reference_pipeline import PipelineEagerFora
+
+    case = make_pipe("flux")
+    donor = copy.deepcopy(case.pipe.transformer)  # a LoRA in diffusers' state-dict format
+    torch.manual_seed(5)
+    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=_linears(donor),
+                                 init_lora_weights=False))
+    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()}
+
+    def run(pipe):
+        with torch.no_grad():
+            return [output_tensor(pipe(**case.call(seed))) for seed in (0, 1)]
+
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
+    before = run(pipe)
+    sites = [s.module_path for s in fora_fx.explain(pipe).sites]
+    pipe.load_lora_weights(lora)
+    got = run(pipe)
+    pairs = pipe.transformer._fora_runtime.pairs  # the graph before the LoRA, and with it
+    assert len(pairs) == 2 and sorted(s.module_path for s in pairs[1].sites) == sorted(sites)
+    assert pairs[1].located.uncached == []
+    fora_fx.restore(pipe)
+    ref = PipelineEagerFora(case.pipe, case.sites, interval=3)
+    expected = run(ref)
+    ref.remove()
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0], before[0])  # the LoRA took effect
