@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import fora_fx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import image_probe  # noqa: E402
-from probe_common import finish  # noqa: E402
+from probe_common import finish, time_loops  # noqa: E402
 
 
 def main() -> None:
@@ -31,18 +30,8 @@ def main() -> None:
     }
     for name, make in variants.items():
         torch._dynamo.reset()
-        fn = make(copy.deepcopy(model))
-        times = []
-        for _ in range(6):  # the first loop compiles
-            start = time.perf_counter()
-            with torch.no_grad():
-                for s in steps:
-                    fn(**s)
-            times.append(time.perf_counter() - start)
-            if isinstance(fn, fora_fx.ForaModule):
-                fora_fx.reset(fn)
-        loops = sorted(times[1:])
-        print(f"{name:<32} warm-up {times[0]:.1f} s   loop {1e3 * loops[2]:.1f} ms "
+        warmup, loops = time_loops(make(copy.deepcopy(model)), steps)
+        print(f"{name:<32} warm-up {warmup:.1f} s   loop {1e3 * loops[2]:.1f} ms "
               f"(of {[round(1e3 * t, 1) for t in loops]})")
 
 

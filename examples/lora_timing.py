@@ -7,13 +7,17 @@ Run: python examples/lora_timing.py (docs/benchmarks.md has the figures)."""
 from __future__ import annotations
 
 import copy
-import time
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 
 import fora_fx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_common import time_loops  # noqa: E402
 
 STEPS, BATCH, SIDE, TEXT = 10, 2, 16, 16
 
@@ -47,27 +51,15 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def loop_ms(fn, steps: list[dict]) -> tuple[float, float]:
-    times = []
-    for _ in range(6):  # the first loop compiles
-        start = time.perf_counter()
-        with torch.no_grad():
-            for s in steps:
-                fn(**s)
-        times.append(time.perf_counter() - start)
-        if isinstance(fn, fora_fx.ForaModule):
-            fora_fx.reset(fn)
-    return times[0], 1e3 * sorted(times[1:])[2]
-
-
 def main() -> None:
     plain, steps = build()
     for label, model in (("no LoRA", plain), ("LoRA r=16 on every block Linear", with_lora(plain))):
         torch._dynamo.reset()
-        _, compiled = loop_ms(torch.compile(copy.deepcopy(model), fullgraph=True), steps)
+        compiled = 1e3 * time_loops(torch.compile(copy.deepcopy(model), fullgraph=True),
+                                    steps)[1][2]
         torch._dynamo.reset()
         fast = fora_fx.transform(copy.deepcopy(model), interval=3)
-        _, fora = loop_ms(fast, steps)
+        fora = 1e3 * time_loops(fast, steps)[1][2]
         explanation = fora_fx.explain(fast)
         print(f"{label}: torch.compile {compiled:.1f} ms, fora_fx N=3 {fora:.1f} ms "
               f"({compiled / fora:.2f}x); {len(explanation.sites)} sites, "

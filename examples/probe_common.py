@@ -1,4 +1,5 @@
-"""The runner the model probes share (examples/video_probe.py, examples/image_probe.py).
+"""The runner the model probes share (examples/video_probe.py, examples/image_probe.py),
+and the loop timer of the timing scripts (examples/hook_sites_timing.py, lora_timing.py).
 
 A probe case is a function returning ``(model, kw)``: a tiny random-weight diffusers
 transformer and ``kw(timestep, seed) -> dict`` of call arguments. `run` makes every all-zero
@@ -11,6 +12,7 @@ blocks would run in full on every reuse step).
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -145,3 +147,20 @@ def main(
         print(f"\nPASSED, BUT LISTED IN EXPECTED_FAILURES: {fixed}")
     print("\nOK" if not (bad or fixed) else f"\nFAILED: {bad + fixed}")
     sys.exit(1 if bad or fixed else 0)
+
+
+def time_loops(fn: Callable[..., Any], steps: list[dict], loops: int = 5
+               ) -> tuple[float, list[float]]:
+    """(the first loop's seconds, which compile, and the next `loops` loops' seconds,
+    sorted): one loop calls `fn(**s)` for every step; a transformed model is reset after
+    each, so each loop is one generation."""
+    times = []
+    for _ in range(loops + 1):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for s in steps:
+                fn(**s)
+        times.append(time.perf_counter() - start)
+        if isinstance(fn, fora_fx.ForaModule):
+            fora_fx.reset(fn)
+    return times[0], sorted(times[1:])
