@@ -79,7 +79,10 @@ def lora_parts(node: Node) -> tuple[Node, frozenset[Node]] | None:
         x, nodes = found
         parts |= nodes | {n}
         inputs.append(x)
-        n = identity_source(rest)  # type: ignore[arg-type]
+        n = rest  # type: ignore[assignment]
+        while identity_source(n) is not n and len(n.users) == 1:
+            parts.add(n)  # a cast between the base and the sum belongs to the adapters
+            n = n.args[0]  # type: ignore[assignment]
         if len(n.users) != 1:
             return None
     if not parts or not is_linear(n):
