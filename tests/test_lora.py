@@ -108,6 +108,22 @@ def test_lora_shape_only_when_the_adapter_reads_what_the_base_reads():
     assert len(find_adapted(gm.graph.nodes)) == 1
 
 
+def test_lora_with_a_cast_between_base_and_sum_keeps_the_cast_in_the_adapter():
+    class CastSum(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = torch.nn.Linear(4, 4)
+            self.a = torch.nn.Linear(4, 2, bias=False)
+            self.b = torch.nn.Linear(2, 4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x).to(torch.float64) + self.b(self.a(x)) * 0.5
+
+    gm, _ = capture(CastSum(), torch.randn(2, 4))
+    ((out, (base, parts)),) = find_adapted(gm.graph.nodes).items()
+    assert [u.target for u in base.users] == ["to"] and next(iter(base.users)) in parts
+
+
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_lora_changed_between_generations(compiler):
     """diffusers' adapter API on a transformed model: a new scale, disabling, fusing and a
