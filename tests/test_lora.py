@@ -90,37 +90,34 @@ def test_lora_two_adapters_and_dropout_are_seen_through():
     assert sorted(s.module_path for s in result.sites) == sorted(case.explained)
 
 
+class _HandWritten(torch.nn.Module):
+    """A base Linear and a rank-2 A -> B pair written by hand, summed by `forward`."""
+
+    def __init__(self, forward) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(4, 4)
+        self.a = torch.nn.Linear(4, 2, bias=False)
+        self.b = torch.nn.Linear(2, 4, bias=False)
+        self.sum = forward
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.sum(self, *xs)
+
+
 def test_lora_shape_only_when_the_adapter_reads_what_the_base_reads():
-    class Sum(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.base = torch.nn.Linear(4, 4)
-            self.a = torch.nn.Linear(4, 2, bias=False)
-            self.b = torch.nn.Linear(2, 4, bias=False)
-
-        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.base(x) + self.b(self.a(y)) * 0.5
-
+    model = _HandWritten(lambda m, x, y: m.base(x) + m.b(m.a(y)) * 0.5)
     x = torch.randn(2, 4)
-    gm, _ = capture(Sum(), x, torch.randn(2, 4))  # base(x) + B(A(y)): two inputs
+    gm, _ = capture(model, x, torch.randn(2, 4))  # base(x) + B(A(y)): two inputs
     assert find_adapted(gm.graph.nodes) == {}
-    gm, _ = capture(Sum(), x, x)  # Dynamo sees one input: base(x) + B(A(x)) * 0.5
+    torch._dynamo.reset()
+    gm, _ = capture(model, x, x)  # Dynamo sees one input: base(x) + B(A(x)) * 0.5
     assert len(find_adapted(gm.graph.nodes)) == 1
 
 
 def test_lora_with_a_cast_between_base_and_sum_keeps_the_cast_in_the_adapter():
-    class CastSum(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.base = torch.nn.Linear(4, 4)
-            self.a = torch.nn.Linear(4, 2, bias=False)
-            self.b = torch.nn.Linear(2, 4, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.base(x).to(torch.float64) + self.b(self.a(x)) * 0.5
-
-    gm, _ = capture(CastSum(), torch.randn(2, 4))
-    ((out, (base, parts)),) = find_adapted(gm.graph.nodes).items()
+    model = _HandWritten(lambda m, x: m.base(x).to(torch.float64) + m.b(m.a(x)) * 0.5)
+    gm, _ = capture(model, torch.randn(2, 4))
+    ((_, (base, parts)),) = find_adapted(gm.graph.nodes).items()
     assert [u.target for u in base.users] == ["to"] and next(iter(base.users)) in parts
 
 
