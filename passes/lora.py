@@ -22,20 +22,31 @@ from collections.abc import Iterable
 import torch
 from torch.fx import Node
 
-from .patterns import identity_source, is_linear, is_parameter
+from .patterns import (
+    _matches,
+    identity_source,
+    is_identity,
+    is_linear,
+    is_parameter,
+    linear_operands,
+)
 
 _ADD = {operator.add, torch.add, "add"}
 _MUL = {operator.mul, torch.mul, "mul"}
 
 
-def _is(node: Node, table: set) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in table
+def _through_identities(node: Node, nodes: set[Node]) -> Node:
+    """Back from `node` through single-use dropouts and casts, which join `nodes`."""
+    while is_identity(node) and len(node.users) == 1:
+        nodes.add(node)
+        node = node.args[0]  # type: ignore[assignment]
+    return node
 
 
 def _delta(node: Node) -> tuple[Node, set[Node]] | None:
     """`lora_B(lora_A(x)) [* scaling]` -> (x, its nodes), or None."""
     nodes = {node}
-    if _is(node, _MUL):
+    if _matches(node, _MUL):
         factors = [a for a in node.args if isinstance(a, Node)]
         if len(factors) != 1 or len(node.args) != 2:
             return None  # scaling is a Python float, never a tensor
@@ -48,17 +59,15 @@ def _delta(node: Node) -> tuple[Node, set[Node]] | None:
         return None
     nodes.add(a)
     x = a.args[0]
-    while isinstance(x, Node) and identity_source(x) is not x and len(x.users) == 1:
-        nodes.add(x)  # the adapter's own dropout / cast of the input
-        x = x.args[0]
-    return (x, nodes) if isinstance(x, Node) else None
+    if not isinstance(x, Node):
+        return None
+    return _through_identities(x, nodes), nodes  # the adapter's own dropout / cast of x
 
 
 def _bias_free_linear(node: Node) -> bool:
     if not is_linear(node) or len(node.users) != 1:
         return False
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    _, weight, bias = linear_operands(node)
     return isinstance(weight, Node) and is_parameter(weight) and bias is None
 
 
@@ -68,7 +77,7 @@ def lora_parts(node: Node) -> tuple[Node, frozenset[Node]] | None:
     parts: set[Node] = set()
     inputs: list[Node] = []
     n = node
-    while _is(n, _ADD) and len(n.args) == 2 and all(isinstance(a, Node) for a in n.args):
+    while _matches(n, _ADD) and len(n.args) == 2 and all(isinstance(a, Node) for a in n.args):
         left, right = n.args
         if (found := _delta(right)) is not None:  # type: ignore[arg-type]
             rest = left
@@ -79,10 +88,8 @@ def lora_parts(node: Node) -> tuple[Node, frozenset[Node]] | None:
         x, nodes = found
         parts |= nodes | {n}
         inputs.append(x)
-        n = rest  # type: ignore[assignment]
-        while identity_source(n) is not n and len(n.users) == 1:
-            parts.add(n)  # a cast between the base and the sum belongs to the adapters
-            n = n.args[0]  # type: ignore[assignment]
+        # a cast between the base and the sum belongs to the adapters
+        n = _through_identities(rest, parts)  # type: ignore[arg-type]
         if len(n.users) != 1:
             return None
     if not parts or not is_linear(n):

@@ -115,11 +115,26 @@ def is_linear(node: Node) -> bool:
     return _matches(node, _LINEAR)
 
 
+def linear_operands(node: Node) -> tuple[object, object, object]:
+    """(input, weight, bias) of a `linear` call, positional or keyword."""
+    args = list(node.args) + [None] * 3
+    weight = args[1] if args[1] is not None else node.kwargs.get("weight")
+    bias = args[2] if args[2] is not None else node.kwargs.get("bias")
+    return args[0], weight, bias
+
+
+CASTS = {"to", "float", "half", "type_as"}  # dtype casts, as methods
+_IDENTITIES = {F.dropout, "contiguous", *CASTS}  # identities at inference
+
+
+def is_identity(node: Node) -> bool:
+    return _matches(node, _IDENTITIES) and bool(node.args) and isinstance(node.args[0], Node)
+
+
 def identity_source(node: Node) -> Node:
     """`node` with dropouts and casts (identities at inference) stripped from its front."""
-    while _matches(node, {F.dropout, "to", "float", "half", "contiguous", "type_as"}) \
-            and node.args and isinstance(node.args[0], Node):
-        node = node.args[0]
+    while is_identity(node):
+        node = node.args[0]  # type: ignore[assignment]
     return node
 
 

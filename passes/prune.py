@@ -21,12 +21,9 @@ from torch.fx import GraphModule, Node
 
 from .effects import eliminate_dead_code
 from .lora import find_adapted
-from .patterns import is_linear
+from .patterns import CASTS, is_linear, linear_operands
 
 _CHUNK = {torch.chunk, "chunk"}
-
-
-_CASTS = {"to", "float", "half", "type_as"}
 
 
 def _chunk_of(linear: Node) -> tuple[Node, int, list[Node]] | None:
@@ -34,7 +31,7 @@ def _chunk_of(linear: Node) -> tuple[Node, int, list[Node]] | None:
     casts between them (peft's LoRA casts its sum back to the base Linear's dtype)."""
     casts: list[Node] = []
     users = list(linear.users)
-    while len(users) == 1 and users[0].op == "call_method" and users[0].target in _CASTS \
+    while len(users) == 1 and users[0].op == "call_method" and users[0].target in CASTS \
             and users[0].args[0] is (casts[-1] if casts else linear):
         casts.append(users[0])
         users = list(users[0].users)
@@ -114,10 +111,9 @@ def _narrowed(
 def _narrow_linear(
     graph: torch.fx.Graph, linear: Node, start: int, size: int, env: dict | None = None
 ) -> Node:
-    args = list(linear.args) + [None] * 3
-    x = env.get(args[0], args[0]) if env is not None else args[0]
-    weight = args[1] if args[1] is not None else linear.kwargs.get("weight")
-    bias = args[2] if args[2] is not None else linear.kwargs.get("bias")
+    x, weight, bias = linear_operands(linear)
+    if env is not None:
+        x = env.get(x, x)  # type: ignore[arg-type]
     w = graph.call_function(torch.narrow, (weight, 0, start, size))
     b = graph.call_function(torch.narrow, (bias, 0, start, size)) if bias else None
     for new in (w, b):  # the narrows run in the Linear's module, like the Linear

@@ -170,15 +170,21 @@ class _HookBlock(nn.Module):
         return x + self.mlp(x)
 
 
-class _HookModel(nn.Module):
-    def __init__(self):
+class _Loop(nn.Module):
+    """Two blocks called in a loop; with `graph_breaks`, a break after each block, so that
+    Dynamo compiles each block's own frame."""
+
+    def __init__(self, block, graph_breaks=False):
         super().__init__()
-        self.blocks = nn.ModuleList([_HookBlock() for _ in range(2)])
+        self.blocks = nn.ModuleList([block() for _ in range(2)])
+        self.graph_breaks = graph_breaks
 
     def forward(self, x, t):
         t = t / 1000.0
         for block in self.blocks:
             x = block(x, t)
+            if self.graph_breaks:
+                torch._dynamo.graph_break()
         return x
 
 
@@ -192,7 +198,7 @@ def _reference(model, sites, steps):
 
 def test_hook_sites_cache_a_module_dynamo_cannot_capture():
     torch.manual_seed(0)
-    model = _HookModel().eval()
+    model = _Loop(_HookBlock).eval()
     steps = [(torch.randn(2, 5, 16), torch.full((2,), 999.0 - 90 * k)) for k in range(7)]
     attn = [f"blocks.{i}.attn" for i in range(2)]
     mlps = [f"blocks.{i}.mlp" for i in range(2)]
@@ -229,11 +235,11 @@ def test_hook_sites_are_checked():
     with pytest.raises(TypeError, match="module-path patterns"):
         fora_fx.ForaConfig(hook_sites=(3,), fullgraph=False)
     with pytest.raises(ValueError, match=r"'blocks\.\*\.ffn' names no module .* mlp"):
-        fora_fx.transform(_HookModel().eval(), fullgraph=False, hook_sites=("blocks.*.ffn",))
+        fora_fx.transform(_Loop(_HookBlock).eval(), fullgraph=False, hook_sites=("blocks.*.ffn",))
 
 
 def test_a_hook_site_output_written_in_place_is_not_reused():
-    class Writer(_HookModel):
+    class Writer(_Loop):
         def forward(self, x, t):
             for block in self.blocks:
                 y = block.mlp(x)
@@ -241,8 +247,8 @@ def test_a_hook_site_output_written_in_place_is_not_reused():
                 x = x + y
             return x
 
-    fast = fora_fx.transform(Writer().eval(), interval=3, compiler="eager", fullgraph=False,
-                             hook_sites=("blocks.*.mlp",))
+    fast = fora_fx.transform(Writer(_HookBlock).eval(), interval=3, compiler="eager",
+                             fullgraph=False, hook_sites=("blocks.*.mlp",))
     x, t = torch.randn(2, 5, 16), torch.full((2,), 999.0)
     fast(x, t)
     with pytest.raises(RuntimeError, match="modified in place"):
@@ -305,7 +311,7 @@ def test_a_hook_site_called_with_new_shapes_recomputes():
     resolution) computes it, as a graph met with new shapes does, and never returns the
     other shape's output."""
     torch.manual_seed(0)
-    model = _HookModel().eval()
+    model = _Loop(_HookBlock).eval()
     fast = fora_fx.transform(model, interval=3, compiler="eager", fullgraph=False,
                              hook_sites=("blocks.*.mlp",))
     t = torch.full((2,), 999.0)
@@ -332,25 +338,12 @@ class _ParallelBlock(nn.Module):
         return x + t[:, None, None] * self.proj_out(h)
 
 
-class _ParallelLoop(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([_ParallelBlock() for _ in range(2)])
-
-    def forward(self, x, t):
-        t = t / 1000.0
-        for block in self.blocks:
-            x = block(x, t)
-            torch._dynamo.graph_break()  # in a loop: Dynamo compiles each block's frame
-        return x
-
-
 def test_a_parallel_block_compiled_from_its_own_frame_is_one_site():
     """No node of a graph compiled from the block's own frame has the block in its module
     stack; the parallel site is still found, named after the block (HunyuanImage 2.1's
     single blocks, piecewise, had only their attention cached)."""
     torch.manual_seed(0)
-    model = _ParallelLoop().eval()
+    model = _Loop(_ParallelBlock, graph_breaks=True).eval()
     steps = [(torch.randn(2, 5, 16), torch.full((2,), 999.0 - 90 * k)) for k in range(7)]
     expected = _reference(model, [f"blocks.{i}.proj_out" for i in range(2)], steps)
     fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
