@@ -1,5 +1,13 @@
-"""How `fora-fx bench` times: whole loops, single refresh / reuse steps, and a kernel-level
-profile of each, device-synchronized."""
+"""How the project times: whole loops, single refresh / reuse steps, a kernel-level profile of
+each, device-synchronized; and `interleave`, the one helper every reported speedup comes from
+(the main job, `fora-fx eval`, `fora-fx bench`, the example timing scripts).
+
+Why interleave: on a shared machine the load changes while a run goes on. Timing the baseline
+in one block and each variant in its own block afterwards turns a load change into a speedup
+(issue 19: interval=1, which never reuses, came out 3.33x). Round by round, every variant runs
+once per round in rotating order, and a speedup is the median of per-round ratios against the
+baseline run in the same round: a load change then slows both sides of a ratio alike.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -158,3 +167,138 @@ def kernel_profile(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Se
     return result
 
 
+
+
+def rotation(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """Round r runs every variant once, starting with the r-th: each takes every position in
+    turn, so what a position costs (a cold cache after a switch, a load that ramps up within a
+    round) falls on all variants alike rather than on one."""
+    k = len(names)
+    return [[names[(r + i) % k] for i in range(k)] for r in range(rounds)]
+
+
+@dataclass
+class Spread:
+    """A variant's per-round speedups over the baseline: median, range and quartiles."""
+
+    median: float
+    lo: float
+    hi: float
+    q1: float
+    q3: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        v = sorted(values)
+        q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+        return cls(statistics.median(v), v[0], v[-1], q[0], q[2])
+
+
+@dataclass
+class Timings:
+    """What `interleave` measured. `times[name][r]`: seconds of `name` in round r."""
+
+    baseline: str
+    times: dict[str, list[float]]
+    speedups: dict[str, Spread]  # every variant but the baseline
+    controls: tuple[str, ...]  # variants whose true speedup is 1 (interval=1, the baseline again)
+    noise: float  # half the range of the controls' per-round speedups (0 without controls)
+    band: float  # max(floor, noise): how far a control's median may sit from 1
+    unreliable: bool
+    reasons: list[str]
+    outputs: dict[str, list[Any]] = field(default_factory=dict)
+
+    def seconds(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def speedup(self, name: str) -> float:
+        return 1.0 if name == self.baseline else self.speedups[name].median
+
+    def describe(self, name: str) -> str:
+        """"2.51x (2.40-2.63 over 5 rounds)"."""
+        if name == self.baseline:
+            return "1.00x"
+        s = self.speedups[name]
+        return f"{s.median:.2f}x ({s.lo:.2f}-{s.hi:.2f} over {len(self.times[name])} rounds)"
+
+    def verdict(self) -> str:
+        """One line for the printed output: the noise band, and whether to trust the run."""
+        if self.unreliable:
+            return "UNRELIABLE timing: " + "; ".join(self.reasons)
+        return (f"timing ok: controls {', '.join(self.controls)} within +-{self.band:.0%} of "
+                f"1.00x (measured noise +-{self.noise:.0%})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "rounds": len(self.times[self.baseline]),
+                "controls": list(self.controls), "noise": self.noise, "band": self.band,
+                "unreliable": self.unreliable, "reasons": self.reasons,
+                "times_s": self.times,
+                "speedups": {k: vars(v) for k, v in self.speedups.items()}}
+
+
+def summarize(times: Mapping[str, Sequence[float]], baseline: str,
+              controls: Sequence[str] = (), floor: float = 0.10) -> Timings:
+    """Per-round speedups and the sanity check, from times alone (no clock: tests feed it).
+
+    A control's true speedup is 1: interval=1 never reuses, the baseline timed again is the
+    baseline. Its per-round speedups scatter by the run's noise; the noise is measured as half
+    their range. The run is unreliable when a control's median sits further from 1 than that
+    noise (and than `floor`, which absorbs small real differences, such as interval=1's own
+    dispatch): then something other than noise, which interleaving would have cancelled,
+    moved the times. Fewer than 3 rounds cannot measure the noise and are flagged too."""
+    base = list(times[baseline])
+    rounds = len(base)
+    if any(len(t) != rounds for t in times.values()):
+        raise ValueError("every variant needs one time per round")
+    speedups = {name: Spread.of([b / x for b, x in zip(base, t, strict=True)])
+                for name, t in times.items() if name != baseline}
+    noise = max(((speedups[c].hi - speedups[c].lo) / 2 for c in controls), default=0.0)
+    band = max(floor, noise)
+    reasons = []
+    if rounds < 3:
+        reasons.append(f"{rounds} round(s) cannot measure the noise (3 or more can)")
+    for c in controls:
+        s = speedups[c]
+        if abs(s.median - 1) > band:
+            reasons.append(f"{c} ran at {s.median:.2f}x (per round {s.lo:.2f}-{s.hi:.2f}), "
+                           f"not within +-{band:.0%} of 1.00x")
+    return Timings(baseline, {k: list(v) for k, v in times.items()}, speedups, tuple(controls),
+                   noise, band, bool(reasons), reasons)
+
+
+def interleave(variants: Mapping[str, Callable[[int], Any]], rounds: int, baseline: str,
+               controls: Sequence[str] = (), repeat_baseline: bool = False,
+               floor: float = 0.10, keep: bool = False, device: str = "cpu",
+               clock: Callable[[], float] = time.perf_counter,
+               progress: Callable[[str, int], None] | None = None) -> Timings:
+    """Times `variants[name](r)` once per round r for `rounds` rounds, in `rotation` order,
+    the device synchronized on both sides of each run. The callables are already warm
+    (compiled): this times only. `repeat_baseline` times the baseline a second time per
+    round, half a rotation away from the first, as a control. `keep`: each run's return value
+    lands in `outputs[name][r]` (the main job and `fora-fx eval` sample while they time).
+    `progress(name, r)` runs after each run (a progress bar's update)."""
+    runs = dict(variants)
+    controls = list(controls)
+    if repeat_baseline:
+        again = f"{baseline} (again)"
+        names = list(runs)
+        names.insert(len(names) // 2 + 1, again)  # the opposite side of the rotation
+        runs = {n: runs[baseline] if n == again else runs[n] for n in names}
+        controls.append(again)
+    times: dict[str, list[float]] = {n: [0.0] * rounds for n in runs}
+    outputs: dict[str, list[Any]] = {n: [None] * rounds for n in runs}
+    for r, order in enumerate(rotation(list(runs), rounds)):
+        for name in order:
+            sync(device)
+            t0 = clock()
+            out = runs[name](r)
+            sync(device)
+            times[name][r] = clock() - t0
+            if keep:
+                outputs[name][r] = out
+            if progress is not None:
+                progress(name, r)
+    result = summarize(times, baseline, controls, floor)
+    if keep:
+        result.outputs = outputs
+    return result
