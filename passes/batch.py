@@ -28,7 +28,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .blocks import COMPUTE, IMPURE, Run, block_of, runs
-from .effects import eliminate_dead_code, has_effect, written_allocations
+from .effects import Memory, eliminate_dead_code
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,12 @@ def merge_outside_duplicates(gm: GraphModule, paths: Mapping[str, str]) -> int:
     """
     seen: dict[Any, Node] = {}
     merged = 0
-    # Two equal allocations that are written in place are two buffers, not one value.
-    written = written_allocations(gm.graph.nodes)
+    # Only values nothing writes are merged (`Memory.stable`): two equal allocations that
+    # are written in place are two buffers, and two reads of a tensor written between them
+    # are two values.
+    memory = Memory(gm.graph.nodes)
     for n in list(gm.graph.nodes):
-        if n.op not in COMPUTE or n.target in IMPURE or has_effect(n) or n in written:
+        if n.op not in COMPUTE or n.target in IMPURE or n.is_impure() or not memory.stable(n):
             continue
         if any(word in str(n.target).lower() for word in _RANDOM):
             continue
@@ -173,9 +175,10 @@ def batch_blocks(gm: GraphModule, paths: Mapping[str, str] | None = None) -> lis
         gm.recompile()
     done: list[Batched] = []
     stacked: set[Node] = set()
+    memory = Memory(graph.nodes)
     for prefix, idxs, nodes in runs(gm, paths):
         run = Run(nodes)
-        run.match()
+        run.match(memory)
         if not run.groups or any(p in stacked for grp in run.groups for p in grp):
             continue
         outputs = run.outputs()

@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..ops import LOAD, STORE
-from .effects import has_effect, written_allocations
+from .effects import Memory
 from .paths import block_of
 from .patterns import is_parameter
 
@@ -68,14 +68,17 @@ class Run:
                 return True
         return False
 
-    def match(self) -> None:
-        # A buffer a block writes in place stays one per block: vmap would return an
-        # allocation that does not depend on the batched inputs expanded, one memory for
-        # every block (NucleusMoE's router sums, torch.zeros(...).scatter_add_(...)).
-        written = written_allocations(self.nodes[0])
+    def match(self, memory: Memory) -> None:
+        # Only values nothing writes are batched (`Memory.stable`): batching runs a node
+        # before every block, so a write in between would be seen too early or not at all,
+        # and vmap returns one allocation for every block where each block had its own
+        # (NucleusMoE's router sums, torch.zeros(...).scatter_add_(...); a rotary table
+        # built per call with torch.arange and divided in place).
         for k, n0 in enumerate(self.nodes[0]):
             ns = [block[k] for block in self.nodes]
-            if n0.op not in COMPUTE or n0.target in IMPURE or has_effect(n0) or n0 in written:
+            if n0.op not in COMPUTE or n0.target in IMPURE:
+                continue
+            if not all(memory.stable(n) and not n.is_impure() for n in ns):
                 continue
             if not isinstance(n0.meta.get("example_value"), torch.Tensor):
                 continue

@@ -1,15 +1,28 @@
 """What a node of a Dynamo graph reads and writes, beyond its FX edges.
 
 FX edges say which nodes a node takes as arguments, not which of them it reads values from,
-and not what it writes. The locator needs both:
+nor which memory it shares or writes. The passes need all three:
 
   * metadata-only arguments: `out.type_as(query)` reads only query's dtype and
     `torch.empty_like(x)` only x's shape, so neither carries x's values (a value-level
     dependency on a module input is how the locator spots a residual added inside a module);
-  * in-place writes: Wan's rotary embedding (diffusers `WanAttnProcessor`) fills a fresh
-    `torch.empty_like` buffer with `out[..., 0::2] = ...`. Such a write stays inside the
-    module and is safe to drop together with it on a reuse step; a write to anything that
-    may alias a tensor from outside the module is not.
+  * shared memory: which nodes' values live in the same storage. This is read off the fake
+    tensors Dynamo traced with (`example_value`): two values alias exactly when their
+    storages are one, as they were when the graph was traced. No op list is involved, so a
+    fresh table from `torch.arange` is as fresh as one from `torch.empty`;
+  * in-place writes: which argument a node writes. Read from the ATen schema of the op the
+    node calls (`Tensor(a!)` annotations, `out=`), from Python's own in-place operators
+    (`t[i] = v`, `t += v`), and, for an op with no schema, conservatively: a result that
+    shares memory with an argument is taken to be a write into it. The fake tensors' version
+    counters then say, per storage, whether the trace wrote it at all; a storage written
+    more often than the writes found is marked `unexplained`, and the passes treat anything
+    touching it as unsafe.
+
+Wan's rotary embedding (diffusers `WanAttnProcessor`) fills a fresh `torch.empty_like`
+buffer with `out[..., 0::2] = ...`; a rotary table built per call (`inv = torch.arange(..);
+inv /= d`) is the same pattern. Such writes stay inside the module and go with it on a reuse
+step; a write to memory from outside the module does not. The batch pass merges or moves
+only values that nothing in the graph writes (`Memory.stable`).
 """
 
 from __future__ import annotations
@@ -18,8 +31,8 @@ import operator
 from collections.abc import Collection, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.fx import Graph, Node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # Ops whose first argument contributes only its shape / dtype / device.
 _META_SELF = {
@@ -29,33 +42,18 @@ _META_SELF = {
 # Methods whose second argument contributes only its metadata.
 _META_OTHER = {"type_as", "expand_as", "view_as", "reshape_as"}
 
-# `t += v` on a tensor writes t in place (Dynamo records the operator).
+# Python's in-place operators: on a tensor, `t += v` writes t (Dynamo records the operator).
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor,
+    operator.imatmul, operator.ilshift, operator.irshift, operator.setitem, operator.delitem,
 }
-# Ops that always return new memory not aliasing any argument: factories, and the compute
-# ops whose outputs attention processors write into (CogVideoX applies its rotary embedding
-# with `query[:, :, text_len:] = ...` to the output of norm_q).
-_ALLOCATIONS = _META_SELF | {
-    torch.empty, torch.zeros, torch.ones, torch.full, torch.clone, "clone",
-    F.linear, torch._C._nn.linear, torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm",
-    F.layer_norm, F.rms_norm, F.group_norm, F.scaled_dot_product_attention,
-    torch.cat, torch.concat, torch.stack,
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div",
-}
-# Ops whose result may share memory with their first argument: views, and casts or layout
-# changes that return `self` when there is nothing to do.
-_ALIASES = {
-    operator.getitem, torch.narrow, torch.select, torch.transpose, torch.permute,
-    torch.unsqueeze, torch.squeeze, torch.flatten, torch.reshape, torch.unbind, torch.chunk,
-    torch.split, torch.movedim, torch.diagonal,
-    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "unflatten",
-    "flatten", "unsqueeze", "squeeze", "narrow", "select", "expand", "expand_as", "unbind",
-    "chunk", "split", "movedim", "diagonal", "as_strided", "contiguous", "to", "type_as",
-    "float", "half", "bfloat16", "type", "detach", "__getitem__",
-}
+# Tensor methods with no ATen op of their own that at most return `self` (a cast to the
+# dtype a tensor already has). Anything else without a schema is treated as unknown.
+_PYTHON_ALIASES = {"float", "half", "bfloat16", "double", "int", "long", "bool", "type",
+                   "cpu", "cuda", "__getitem__"}
+# In-place methods that change only autograd flags, never values.
+_FLAG_WRITES = {"requires_grad_", "retain_grad"}
 
 
 def _is(node: Node, table: set) -> bool:
@@ -106,58 +104,101 @@ def _value_args(node: Node) -> list[Node]:
     return [a for a in ins if a is not meta or len(rest) > 1]
 
 
-def mutated_arg(node: Node) -> Node | None:
-    """The tensor `node` writes in place, if it is an in-place write Dynamo records as such.
+# ---------------------------------------------------------------------------------------
+# Writes, from schemas
 
-    `t[idx] = v` (operator.setitem), `t += v`, in-place tensor methods (`t.add_(v)`),
-    `torch.relu_(t)` style functions, functionals called with `inplace=True` and `out=t`.
+
+def _schemas(node: Node) -> list[torch.FunctionSchema] | None:
+    """The ATen schemas the node's op may dispatch to, or None when it has none (a Python
+    function, an operator-module function, a method ATen does not define)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return [target._schema]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return [getattr(target, o)._schema for o in target.overloads()]
+    if node.op == "call_method":
+        name = str(target)
+    elif node.op == "call_function" and getattr(operator, getattr(target, "__name__", ""),
+                                                None) is not target:
+        name = getattr(target, "__name__", "")
+    else:
+        return None
+    try:
+        packet = getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return None
+    return [getattr(packet, o)._schema for o in packet.overloads()]
+
+
+def _argument(node: Node, index: int, arg: torch.Argument) -> object:
+    if arg.kwarg_only:
+        return node.kwargs.get(arg.name)
+    return node.args[index] if index < len(node.args) else node.kwargs.get(arg.name)
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _storages(node: Node) -> frozenset:
+    """The storages of the tensors `node` produced while Dynamo traced it (empty when the
+    node has no traced tensor value)."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    out = set()
+    for t in _tensors(value):
+        try:
+            out.add(StorageWeakRef(t.untyped_storage()))
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            continue
+    return frozenset(out)
+
+
+def writes(node: Node) -> list[Node]:
+    """The tensors `node` writes in place (argument nodes).
+
+    From Python's in-place operators and `inplace=True`, else from the ATen schemas of the
+    op (every overload's `Tensor(a!)` argument the call passes, `out=` included). An op with
+    no schema counts as writing every argument its traced result shares memory with, and an
+    unknown method named like an in-place one (`t.foo_(...)`) as writing `t`.
     """
+    if node.op not in ("call_function", "call_method"):
+        return []
     first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
-    out = node.kwargs.get("out")
-    if isinstance(out, Node):  # torch.add(a, b, out=t)
-        return out
-    if node.op == "call_function":
-        if node.target is operator.setitem or node.target in _INPLACE_OPERATORS:
-            return first
-        name = getattr(node.target, "__name__", "")
-        # operator.and_ / or_ are `a & b` / `a | b`, not writes (HunyuanVideo 1.5's mask)
-        trailing = name.endswith("_") and not name.endswith("__") and not _is_operator(node)
-        if node.kwargs.get("inplace") is True or trailing:
-            return first
-    elif node.op == "call_method":
-        name = str(node.target)
-        if name.endswith("_") and not name.endswith("__") and name != "requires_grad_":
-            return first
-    return None
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return [first] if first is not None else []
+    if node.op == "call_method" and node.target in _FLAG_WRITES:
+        return []
+    schemas = _schemas(node)
+    if schemas is not None:
+        out: dict[Node, None] = {}
+        for schema in schemas:
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    value = _argument(node, i, arg)
+                    out.update(dict.fromkeys(v for v in _nodes(value)))
+        return list(out)
+    if node.op == "call_function" and getattr(operator, getattr(node.target, "__name__", ""),
+                                              None) is node.target:
+        return []  # `a & b`, `a[i]`, `a + b`: Python's operators are functional on tensors
+    if node.op == "call_method" and node.target in _PYTHON_ALIASES:
+        return []
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__") and first is not None:
+        return [first]
+    mine = _storages(node)
+    return [a for a in node.all_input_nodes if mine & _storages(a)]
 
 
-def _is_operator(node: Node) -> bool:
-    return getattr(operator, getattr(node.target, "__name__", ""), None) is node.target
-
-
-def fresh_base(node: Node) -> Node | None:
-    """The allocation `node` is (a view of), or None when it may alias anything else."""
-    seen = 0
-    while isinstance(node, Node) and seen < 64:
-        if _is(node, _ALLOCATIONS):
-            return node
-        if not _is(node, _ALIASES) or not node.args or not isinstance(node.args[0], Node):
-            return None
-        node = node.args[0]
-        seen += 1
-    return None
-
-
-def aliases_of(base: Node, region: set[Node]) -> set[Node]:
-    """`base` and every region node that may share its memory through view-like ops."""
-    out, todo = {base}, [base]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u in region and u not in out and _is(u, _ALIASES) and u.args and u.args[0] is n:
-                out.add(u)
-                todo.append(u)
-    return out
+def _nodes(value: object) -> list[Node]:
+    if isinstance(value, Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _nodes(v)]
+    return []
 
 
 def has_effect(node: Node) -> bool:
@@ -167,7 +208,7 @@ def has_effect(node: Node) -> bool:
     NucleusMoE's router sums its scores with `sums.scatter_add_(0, idx, scores)` and never
     reads the method's result, so a plain `eliminate_dead_code` dropped the write and the
     refresh step divided by zero sums."""
-    return node.is_impure() or mutated_arg(node) is not None
+    return node.is_impure() or bool(writes(node))
 
 
 def eliminate_dead_code(graph: Graph, removable: Collection[str] = ()) -> None:
@@ -176,26 +217,90 @@ def eliminate_dead_code(graph: Graph, removable: Collection[str] = ()) -> None:
     graph.eliminate_dead_code(is_impure_node=lambda n: n.name not in removable and has_effect(n))
 
 
-def written_allocations(nodes: Iterable[Node]) -> set[Node]:
-    """The fresh allocations among `nodes`' arguments that some node of `nodes` writes in place
-    (and their views): such a buffer must stay one per writer."""
-    out: set[Node] = set()
-    pool = set(nodes)
-    for n in pool:
-        target = mutated_arg(n)
-        base = fresh_base(target) if target is not None else None
-        if base is not None:
-            out |= aliases_of(base, pool | {base})
-    return out
+# ---------------------------------------------------------------------------------------
+# Memory: which nodes share storage, who allocated it, and whether anything writes it
+
+
+def _version(node: Node) -> int:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    best = 0
+    for t in _tensors(value):
+        try:
+            best = max(best, t._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            continue
+    return best
+
+
+class Memory:
+    """Storage sharing and in-place writes among the nodes of one graph, as traced.
+
+    `owner(n)`: the node that allocated n's memory, or None when the memory came from outside
+    the graph (an input, a parameter, a constant) or cannot be told. `writes[n]`: the nodes n
+    writes. A storage is `written` when some node writes it or the trace's version counter
+    shows a write; `unexplained` when the counter shows more writes than were found.
+    """
+
+    def __init__(self, nodes: Iterable[Node]):
+        self.nodes = list(nodes)
+        self.storages = {n: _storages(n) for n in self.nodes}
+        self._owner: dict[StorageWeakRef, Node] = {}
+        self._users: dict[StorageWeakRef, list[Node]] = {}
+        for n in self.nodes:
+            for s in self.storages[n]:
+                self._owner.setdefault(s, n)
+                self._users.setdefault(s, []).append(n)
+        self.writes = {n: w for n in self.nodes if (w := writes(n))}
+        found: dict[StorageWeakRef, int] = {}
+        self.written: set[StorageWeakRef] = set()
+        self.blind = False  # a write into memory whose storage was never traced
+        for targets in self.writes.values():
+            for t in targets:
+                if not self.storages.get(t):
+                    self.blind = True
+                for s in self.storages.get(t, ()):
+                    found[s] = found.get(s, 0) + 1
+                    self.written.add(s)
+        self.unexplained: set[StorageWeakRef] = set()
+        for s, users in self._users.items():
+            version = max(_version(n) for n in users)
+            if version:
+                self.written.add(s)
+            if version > found.get(s, 0):
+                self.unexplained.add(s)
+
+    def owner(self, node: Node) -> Node | None:
+        """The graph node that allocated `node`'s memory (itself, for a fresh result)."""
+        mem = self.storages.get(node)
+        if not mem:
+            return None
+        owners = {self._owner[s] for s in mem}
+        if len(owners) != 1:
+            return None
+        (first,) = owners
+        return first if first.op in ("call_function", "call_method") else None
+
+    def aliases(self, node: Node, among: Iterable[Node]) -> set[Node]:
+        """The nodes of `among` whose values share memory with `node`'s, and `node`."""
+        mem = self.storages.get(node, frozenset())
+        return {node} | {n for n in among if mem & self.storages.get(n, frozenset())}
+
+    def is_written(self, node: Node) -> bool:
+        return bool(self.storages.get(node, frozenset()) & self.written)
+
+    def stable(self, node: Node) -> bool:
+        """Whether `node` computes the same value wherever it runs in the graph, and its result
+        may be shared: nothing in the graph writes its memory or any tensor it reads."""
+        if self.blind or node in self.writes:
+            return False
+        return not any(self.is_written(a) for a in (node, *node.all_input_nodes))
 
 
 __all__ = [
-    "aliases_of",
+    "Memory",
     "data_inputs",
     "eliminate_dead_code",
-    "fresh_base",
     "has_effect",
     "is_local_assert",
-    "mutated_arg",
-    "written_allocations",
+    "writes",
 ]

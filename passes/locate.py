@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from torch.fx import GraphModule, Node
 
 from .coverage import downstream, uncached_compute, uncovered_blocks
+from .effects import Memory
 from .lora import find_adapted
 from .paths import module_stack, normalize_path, outer_block
 from .patterns import (
@@ -47,6 +48,7 @@ class _Graph:
     def __init__(self, gm: GraphModule, paths: Mapping[str, str] | None):
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.memory = Memory(self.nodes)
         self.regions: dict[str, list[Node]] = {}
         self.path_text: dict[str, str] = {}
         for n in self.nodes:
@@ -213,7 +215,7 @@ def locate(
                 "routed experts, cacheable only as the whole mixture-of-experts module "
                 "(the router picks other tokens every step), which cannot be cached")))
             continue
-        outputs, reason = check_region(g.nodes, g.order, region, cores)
+        outputs, reason = check_region(g.nodes, g.order, region, cores, g.memory)
         if reason is None:
             accepted.append((key, kind, region, outputs))
             continue
@@ -288,7 +290,7 @@ def _merge_mlps(
         if (own is not None and own[0] != "mlp") or region & attn_cores:
             continue
         cores = set().union(*(candidates[c][1] for c in children), own[1] if own else ())
-        if check_region(g.nodes, g.order, region, cores)[1] is not None:
+        if check_region(g.nodes, g.order, region, cores, g.memory)[1] is not None:
             continue
         for c in children:
             del candidates[c]
@@ -310,7 +312,7 @@ def _inline_mlps(
         key = g.innermost_key(l2)
         if nodes == region or key is None:
             return []
-        outputs, reason = check_region(g.nodes, g.order, nodes, cores)
+        outputs, reason = check_region(g.nodes, g.order, nodes, cores, g.memory)
         if reason is not None:
             return []
         found.append((key, "mlp", nodes, outputs))

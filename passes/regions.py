@@ -20,37 +20,45 @@ import operator
 import torch
 from torch.fx import Node
 
-from .effects import aliases_of, data_inputs, fresh_base, is_local_assert, mutated_arg
+from .effects import Memory, data_inputs, is_local_assert
 from .patterns import is_parameter
 
 
 def check_region(
-    nodes: list[Node], order: dict[Node, int], region: set[Node], cores: set[Node]
+    nodes: list[Node], order: dict[Node, int], region: set[Node], cores: set[Node],
+    memory: Memory,
 ) -> tuple[list[Node], str | None]:
-    """Returns the region's outputs, or a reason why it cannot be cached."""
+    """Returns the region's outputs, or a reason why it cannot be cached. `memory` is the
+    graph's storage and write analysis (passes/effects.py)."""
     outputs = sorted(
         (n for n in region if any(u not in region for u in n.users)), key=order.__getitem__
     )
     if not outputs:
         return outputs, "the region has no output used outside it"
     # In-place writes are allowed only into memory the region allocated itself (Wan's
-    # rotary embedding fills an empty_like buffer); they are dropped with the region.
-    writes: dict[Node, Node] = {}
+    # rotary embedding fills an empty_like buffer; a rotary table built per call divides an
+    # arange in place); they are dropped with the region.
+    writes: dict[Node, list[Node]] = {}
     for n in sorted(region, key=order.__getitem__):
-        target = mutated_arg(n)
-        if target is not None:
-            base = fresh_base(target)
+        targets = memory.writes.get(n, [])
+        for target in targets:
+            base = memory.owner(target)
             if base is None or base not in region:
                 return outputs, f"node {n.name} writes {target.name} in place"
-            writes[n] = base
             # The refresh graph stores an output right where it is computed; a later write
             # into it would be missed.
-            written = aliases_of(base, region) & set(outputs)
+            written = memory.aliases(base, region) & set(outputs)
             if written:
                 first = min(written, key=order.__getitem__)
                 return outputs, f"output {first.name} is written in place by {n.name}"
+        if targets:
+            writes[n] = targets
         elif n.is_impure() and not is_local_assert(n, region):
             return outputs, f"node {n.name} has side effects"
+        if any(memory.storages.get(a, frozenset()) & memory.unexplained
+               for a in (n, *n.all_input_nodes)):
+            return outputs, (f"node {n.name} uses memory that an op fora_fx cannot identify "
+                             "writes in place")
     for n in outputs:
         val = n.meta.get("example_value")
         if not isinstance(val, torch.Tensor):
@@ -64,7 +72,7 @@ def check_region(
     # input back in (a residual inside the module); caching it would freeze the residual
     # stream on reuse steps. A core value *scaled* by one computed from the input (SanaWM's
     # gated attention, attn * silu(gate(x)); an inverse rotary embedding) has no such term.
-    core_free = _core_free_terms(region, order, cores, writes)
+    core_free = _core_free_terms(region, order, cores, writes, memory)
     leaked = [n.name for n in outputs if core_free.get(n)]
     if leaked:
         return outputs, (
@@ -98,7 +106,8 @@ _SCALES = {operator.mul, torch.mul, "mul", torch.einsum, torch.matmul, operator.
 
 
 def _core_free_terms(
-    region: set[Node], order: dict[Node, int], cores: set[Node], writes: dict[Node, Node]
+    region: set[Node], order: dict[Node, int], cores: set[Node], writes: dict[Node, list[Node]],
+    memory: Memory,
 ) -> dict[Node, bool]:
     """For each region node: does its value have a term that depends on the region's inputs
     but on no core? Sums and other ops keep every input's terms; a product's term is
@@ -123,8 +132,8 @@ def _core_free_terms(
             if not all(x & _FREE for x in varying):
                 s &= ~_FREE
         state[n] = state.get(n, 0) | s
-        if n in writes:
-            for a in aliases_of(writes[n], region):
+        for target in writes.get(n, ()):
+            for a in memory.aliases(target, region):
                 state[a] = state.get(a, 0) | s
     return {n: bool(x & _FREE) for n, x in state.items()}
 

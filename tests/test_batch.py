@@ -14,6 +14,7 @@ from zoo import CASES, make, run_steps
 
 import fora_fx
 from fora_fx import stacks
+from fora_fx.capture import capture
 from fora_fx.compile import fusion_limit_patches
 
 SEED = 3
@@ -177,11 +178,30 @@ def test_outside_duplicates_merge_only_pure_nodes():
             y.add_(1)  # two writes: kept
             return a + b + r1 + r2 + y
 
-    gm = torch.fx.symbolic_trace(M())
+    gm, _ = capture(M(), torch.randn(3))  # the pass reads the values Dynamo traced
     assert merge_outside_duplicates(gm, {}) == 1
     targets = [n.target for n in gm.graph.nodes]
     assert targets.count(torch.sin) == 1 and targets.count(torch.rand_like) == 2
     assert targets.count("add_") == 2
+    # Without traced values, the write into y could be into x: nothing is merged.
+    assert merge_outside_duplicates(torch.fx.symbolic_trace(M()), {}) == 0
+
+
+def test_reads_of_a_tensor_written_between_them_are_not_merged():
+    from fora_fx.passes.batch import merge_outside_duplicates
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            a = x * 2
+            x.add_(1)  # a graph input written in place
+            b = x * 2  # the same node reads x again: another value
+            t = torch.arange(4.0)
+            u = torch.arange(4.0)
+            t /= 2  # two tables, one written: two buffers
+            return a + b + t + u
+
+    gm, _ = capture(M(), torch.randn(4))
+    assert merge_outside_duplicates(gm, {}) == 0
 
 
 def test_dit_final_layer_reads_block_0s_batched_conditioning():

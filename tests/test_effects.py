@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fora_fx.passes import locate, specialize
-from fora_fx.passes.effects import data_inputs, fresh_base, mutated_arg
+from fora_fx.passes.effects import Memory, data_inputs, writes
 from torch import nn
 
 import fora_fx
@@ -70,7 +70,7 @@ def _locate(mode: str):
 def test_writes_into_the_modules_own_memory_are_cached(mode):
     _, gm, example, result = _locate(mode)
     assert [s.module_path for s in result.sites] == ["attn"], result.refused
-    assert any(mutated_arg(n) is not None for n in gm.graph.nodes)
+    assert any(writes(n) for n in gm.graph.nodes)
     # The reuse graph drops the writes with the rest of the region (DCE alone keeps them).
     reuse = specialize(gm, result.sites, False)
     assert not any(n.target is operator.setitem for n in reuse.graph.nodes)
@@ -98,10 +98,11 @@ def test_metadata_only_arguments_carry_no_values():
     cast = next(n for n in gm.graph.nodes if n.target == "type_as")  # out.type_as(q)
     assert data_inputs(empty) == []
     assert data_inputs(cast) == [cast.args[0]]
-    writes = [n for n in gm.graph.nodes if n.target is operator.setitem]
-    assert [fresh_base(mutated_arg(w)) for w in writes] == [empty, empty]
+    memory = Memory(gm.graph.nodes)
+    setitems = [n for n in gm.graph.nodes if n.target is operator.setitem]
+    assert [memory.owner(writes(w)[0]) for w in setitems] == [empty, empty]
     x = next(iter(gm.graph.find_nodes(op="placeholder")))
-    assert fresh_base(x) is None  # a graph input may alias anything
+    assert memory.owner(x) is None  # a graph input may alias anything
 
 
 def test_rope_module_runs_through_fora_like_the_eager_model():
@@ -178,4 +179,4 @@ def test_operator_and_is_not_an_in_place_write():
     gm = torch.fx.symbolic_trace(lambda a, b: (a & b) | a)
     ops = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert [n.target for n in ops] == [operator.and_, operator.or_]
-    assert [mutated_arg(n) for n in ops] == [None, None]
+    assert [writes(n) for n in ops] == [[], []]
