@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -156,6 +157,12 @@ class ForaModule(torch.nn.Module):
                 limit = max(torch._dynamo.config.recompile_limit, 64)
                 with torch._dynamo.config.patch(recompile_limit=limit):
                     return self._fora_compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # The library's own errors reach the caller as themselves, not wrapped in
+            # Dynamo's (`except fora_fx.NoSitesError` must catch a model with no site).
+            if isinstance(e.inner_exception, NoSitesError):
+                raise e.inner_exception from None
+            raise
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             # fullgraph=True: Dynamo hit a break, or a size it cannot guard on (HunyuanImage
             # 2.1 reorders each sample's tokens with boolean masks before attention)
@@ -209,6 +216,30 @@ class ForaModule(torch.nn.Module):
             super().__delattr__(name)
         else:
             delattr(model, name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForaModule:
+        """An independent transformed model: a deep copy of the wrapped model, the same
+        config, empty caches and step 0 (compiled on its first call). A copy made with its
+        pipeline (`copy.deepcopy(pipe)`) follows the copied pipeline's scheduler; a copy of
+        the transformer alone counts its own calls."""
+        model = copy.deepcopy(self._fora_model, memo)
+        config = self._fora_config
+        if config.hook_sites:  # the copy carries the original's hook wrappers: new ones
+            hooks.remove(hooks.resolve(model, config.hook_sites))
+        source = self._fora_runtime.source
+        pipe = memo.get(id(source.pipe)) if source is not None else None
+        steps = None
+        if pipe is not None:  # one PipelineSteps per copied pipeline, for all its transformers
+            steps = memo.setdefault(id(source), PipelineSteps(pipe))
+        return ForaModule(model, config, steps)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "fora_fx: a transformed model cannot be pickled (torch.save): it holds compiled "
+            "graphs and cache buffers. Save the weights instead, "
+            "torch.save(fast.state_dict(), path) (the wrapped model's own keys), and call "
+            "fora_fx.transform again on the model you load them into."
+        )
 
     def __repr__(self) -> str:
         c = self._fora_config
@@ -272,9 +303,16 @@ def runtimes(obj: Any) -> list[Runtime]:
         raise TypeError(f"{type(obj).__name__} was not transformed by fora_fx.transform")
     orig = getattr(obj, "_orig_mod", None)  # torch.compile(...) of a module
     if isinstance(orig, torch.nn.Module):
-        return runtimes_of(orig)
+        return runtimes_of(orig)  # none before its first call
     if isinstance(obj, torch.nn.Module):
-        return runtimes_of(obj)
+        found = runtimes_of(obj)
+        if found:
+            return found
+        raise TypeError(
+            f"{type(obj).__name__} has no fora_fx state: it was not transformed by "
+            "fora_fx.transform, nor called after torch.compile(..., backend='fora'). Pass the "
+            "module fora_fx.transform returned."
+        )
     raise TypeError(
         "expected a module returned by fora_fx.transform or compiled with backend='fora', "
         f"got {type(obj).__name__}"

@@ -84,6 +84,7 @@ class Runtime:
         self._stacks: dict[tuple[Any, tuple[int, ...]], torch.Tensor] = {}  # (pair or piece)
         self._calls_this_step = 0
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread whose generation is under way
         self._piece: Piece | None = None  # set during a piecewise call
         self.on_release: list[Callable[[], None]] = []  # e.g. removing hook sites' wrappers
         self.hooked: list[str] = []  # module paths of hook sites (fora_fx/hooks.py)
@@ -148,8 +149,22 @@ class Runtime:
             raise RuntimeError(
                 "fora_fx: a transformed model was called while another call was running "
                 "(another thread?). FORA state is per generation; use one transformed model "
-                "per thread (fora_fx.transform each copy)."
+                "per thread (copy.deepcopy(fast) makes an independent one)."
             )
+        # A generation belongs to the thread that started it: two threads taking turns would
+        # have their steps counted as one generation (wrong outputs, no error). Refused rather
+        # than kept per thread: a pipeline's scheduler, which gives the steps, is shared too.
+        me = threading.get_ident()
+        if self._owner is not None and self._owner != me:
+            self._lock.release()
+            raise RuntimeError(
+                "fora_fx: this transformed model is in the middle of a generation that another "
+                "thread started; calls from two threads would be counted as steps of one "
+                "generation. Use one transformed model per thread (copy.deepcopy(fast) makes "
+                "an independent one with empty caches), or call fora_fx.reset(fast) to end "
+                "the other thread's generation and start a new one here."
+            )
+        self._owner = me
 
     @contextlib.contextmanager
     def piecewise(self) -> Iterator[None]:
@@ -170,9 +185,10 @@ class Runtime:
         except BaseException:
             if branch is not None:
                 branch.invalidate()
+            self._owner = None
             raise
         else:
-            self._advance(branch, refresh or self._piece.refreshed, num_steps)
+            self._advance(branch, refresh or self._piece.refreshed, num_steps, step)
         finally:
             self._piece = None
             self._lock.release()
@@ -203,9 +219,10 @@ class Runtime:
         except BaseException:
             if branch is not None:
                 branch.invalidate()
+            self._owner = None
             raise
         else:
-            self._advance(branch, refresh, num_steps)
+            self._advance(branch, refresh, num_steps, step)
         finally:
             self._lock.release()
         return out
@@ -229,7 +246,10 @@ class Runtime:
                 self._stacks[(key, g)] = stacks.stack([args[i] for i in g])
         return [self._stacks[(key, g)] for g in groups]
 
-    def _advance(self, branch: Branch, refreshed: bool, num_steps: int | None) -> None:
+    def _advance(self, branch: Branch, refreshed: bool, num_steps: int | None,
+                 step: int) -> None:
+        if num_steps is not None and step >= num_steps - 1:
+            self._owner = None  # the generation's last step: the next may be any thread's
         s = self.stats
         s.calls += 1
         s.refreshes += refreshed
@@ -261,6 +281,7 @@ class Runtime:
     def reset(self) -> None:
         """The next call is step 0 of a new generation; no cached value is read again."""
         self._restart()
+        self._owner = None
         if self.source is not None:
             self.source.restart()
 

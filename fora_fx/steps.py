@@ -34,6 +34,10 @@ class PipelineSteps:
         self._calls: dict[str, int] = {}  # branch name -> calls in the counted generation
         self._counted: object = None  # the generation (`timesteps` tensor) they belong to
 
+    @property
+    def pipe(self) -> Any:
+        return self._pipe()
+
     def position(self) -> tuple[object, int | None, int | None]:
         pipe = self._pipe()
         scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
