@@ -251,3 +251,68 @@ def test_pickling_says_what_to_save_instead(tmp_path):
     torch.save(fast.state_dict(), tmp_path / "w.pt")
     again = TimmDiT()
     again.load_state_dict(torch.load(tmp_path / "w.pt"))
+
+
+def _pixart_binning_pipe():
+    """PixArt-alpha at sample_size 32 (its 256 px bins) with an 8x VAE: a 200x300 request is
+    binned to a non-square size whose latent is not 32x32, so the transformer rebuilds its
+    sin/cos position table from torch.arange on every call."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from zoo import _finish
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=32, sample_size=32, patch_size=2,
+        use_additional_conditions=False, caption_channels=24)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=2, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
+                        up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(),
+                               transformer=_finish(transformer),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 8
+    return pipe
+
+
+def _pixart_call(pipe, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return pipe(prompt_embeds=torch.randn(1, 6, 24, generator=g),
+                    prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
+                    negative_prompt=None,
+                    negative_prompt_embeds=torch.randn(1, 6, 24, generator=g),
+                    negative_prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
+                    height=200, width=300, use_resolution_binning=True,
+                    num_inference_steps=6, guidance_scale=4.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+
+def test_pixart_with_resolution_binning_at_a_non_square_size():
+    from reference_pipeline import PipelineEagerFora
+
+    pipe = _pixart_binning_pipe()
+    plain = [_pixart_call(pipe, s) for s in (0, 1)]
+    h, w = plain[0].shape[-2:]
+    assert h != w and (h, w) != (32, 32), (h, w)  # binned: not square, not sample_size
+    # The default path (Inductor, batched blocks) within Inductor's rounding over 6 guided
+    # steps (max 1.5e-4 seen); the eager compiler to float32 rounding of the batched matmuls.
+    for options, tol in (({}, 1e-3), ({"compiler": "eager"}, 1e-5)):
+        fast = fora_fx.transform(pipe, interval=1, **options)
+        for s, want in zip((0, 1), plain, strict=True):
+            torch.testing.assert_close(_pixart_call(fast, s), want, rtol=tol, atol=tol)
+        fora_fx.restore(pipe)
+    sites = [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")]
+    ref = PipelineEagerFora(pipe, sites, interval=3)
+    expected = [_pixart_call(ref.pipe, s) for s in (0, 1)]
+    ref.remove()
+    fast = fora_fx.transform(pipe, interval=3, compiler="eager")
+    for s, want in zip((0, 1), expected, strict=True):
+        torch.testing.assert_close(_pixart_call(fast, s), want, rtol=1e-5, atol=1e-5)
+    assert [s.module_path for s in fora_fx.explain(fast).sites] == sites
