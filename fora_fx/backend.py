@@ -2,7 +2,8 @@
 
 `build_pair` is the ~10 lines that run the passes. `torch.compile(m, backend="fora")` finds
 `fora_backend` through the `torch_dynamo_backends` entry point; importing fora_fx also
-registers it, guarded so that both paths work in either order (DESIGN.md section 4).
+registers it, guarded so that both paths work in either order (registering a name the
+entry point already declares raises "duplicate name: fora").
 """
 
 from __future__ import annotations

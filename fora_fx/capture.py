@@ -16,7 +16,7 @@ def module_paths(model: torch.nn.Module) -> dict[str, str]:
     """str(id(module)) -> qualified name: how nn_module_stack keys map back to modules.
 
     (The source text in nn_module_stack differs between diffusers and plain modules; ids
-    do not, DESIGN.md section 3.)
+    do not.)
     """
     return {str(id(m)): name for name, m in model.named_modules()}
 

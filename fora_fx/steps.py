@@ -1,7 +1,7 @@
 """Where a call's step index comes from: a pipeline's scheduler, or counting calls.
 
 Read on the host at every call, never from a device tensor: reading a timestep's value would
-be a device->host sync per step (DESIGN.md section 4).
+be a device->host sync per step.
 """
 
 from __future__ import annotations

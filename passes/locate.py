@@ -12,7 +12,7 @@ A site is the region of one module call (nodes sharing an nn_module_stack key) t
     attention and an MLP half concatenated into a shared output projection; the
     projection's output is the cache point.
 The module boundary is FORA's cache point: in DiT-style blocks the gate multiply and the
-residual add sit outside the attention / MLP module (DESIGN.md section 3).
+residual add sit outside the attention / MLP module (diffusers' DiT, PixArt, SD3, Flux).
 
 A candidate is refused (with a reason) when caching it would not be FORA: passes/regions.py.
 """

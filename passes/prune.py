@@ -3,7 +3,7 @@
 adaLN-Zero modulation (DiT, SD3, Flux, timm DiT) is `linear(silu(c), W, b).chunk(6)`: shift,
 scale and gate for attention and MLP. On a reuse step the norms and modulation feeding the
 cached sites are dead, so only the two gates are read, yet the whole 6*D-wide Linear would
-still run (DESIGN.md section 5). This pass replaces such a Linear + chunk by one Linear per
+still run. This pass replaces such a Linear + chunk by one Linear per
 live chunk over a row slice of W and b (`narrow`: a view, no copy):
 
     y = linear(x, W, b); a, b_, g, ... = y.chunk(n, dim=-1)      # only g used

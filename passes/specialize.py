@@ -1,7 +1,7 @@
 """Rewrite pass: wrap each site in cache-store / cache-load nodes, one graph per decision.
 
 FORA's per-step decision is known on the host before the step runs, so instead of a
-`torch.cond` on a step tensor (which disables CUDA graphs and syncs; DESIGN.md section 4) the
+`torch.cond` on a step tensor (which disables CUDA graphs and syncs on the predicate) the
 rewritten graph is specialised on the decision:
 
   refresh: every site computes; `fora_store_<site>` copies each output into its cache buffer.
@@ -23,7 +23,7 @@ from ..ops import LOAD, STORE
 from .effects import eliminate_dead_code
 from .sites import Site
 
-# GraphModule attributes Dynamo/AOTAutograd read (DESIGN.md section 4: a deepcopy drops them,
+# GraphModule attributes Dynamo/AOTAutograd read (a deepcopy drops them,
 # and then AOT marks no input static and CUDA graphs copy every weight on every replay).
 _DYNAMO_ATTRS = ("_param_name_to_source", "compile_subgraph_reason")
 

@@ -153,7 +153,7 @@ def test_backend_resolves_in_a_fresh_interpreter(pre, post):
 
 
 def test_parameters_and_cache_buffers_are_static_inputs():
-    # CUDA graphs copy every non-static input on every replay (DESIGN.md section 4): after
+    # CUDA graphs copy every non-static input on every replay: after
     # cloning and rewriting, AOTAutograd must still see weights and cache buffers as static.
     import os
 
