@@ -49,8 +49,8 @@ def check_region(
             # into it would be missed.
             written = memory.aliases(base, region) & set(outputs)
             if written:
-                first = min(written, key=order.__getitem__)
-                return outputs, f"output {first.name} is written in place by {n.name}"
+                earliest = min(written, key=order.__getitem__)
+                return outputs, f"output {earliest.name} is written in place by {n.name}"
         if targets:
             writes[n] = targets
         elif n.is_impure() and not is_local_assert(n, region):
