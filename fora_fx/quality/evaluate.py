@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import api, peers_cachedit
+from ..bench.progress import bar
+from ..bench.timing import interleave
 from ..capture import capture, module_paths
 from ..passes import locate
 from ..peers import DiffusersHook, SiteCounter
@@ -30,6 +30,10 @@ from .classifier import DigitsClassifier, train_classifier
 from .data import load_digits_split
 from .metrics import class_accuracy, fid, inception_score, precision_recall, psnr
 from .model import NULL_CLASS, load_trained
+from .report import markdown, merge, paired_fid_delta, render, write_grid, write_outputs
+
+__all__ = ["METHODS", "EvalSetup", "Judge", "evaluate", "markdown", "merge",
+           "paired_fid_delta", "render", "sample", "write_grid", "write_outputs"]
 
 METHODS = ("fora", "taylorseer", "pab", "cache-dit", "cache-dit+taylorseer")
 
@@ -69,10 +73,12 @@ class Result:
     recall: float
     class_acc: float
     psnr: float | None  # dB against the uncached samples of the same seeds
-    speedup: float | None  # median batch time: compiled baseline / this method
-    speedup_eager: float  # median batch time: uncompiled model (as the hooks run) / this method
+    speedup: float | None  # median over rounds of baseline time / this method's, same round
+    speedup_eager: float  # the same against the uncompiled model (as the hooks run)
     skipped: float  # fraction of attention/MLP computations skipped
     fid_seeds: list[float]  # per seed, in setup.seeds order: for paired differences
+    speedup_lo: float | None = None  # the range of the per-round speedups
+    speedup_hi: float | None = None
 
 
 def scheduler(kind: str) -> Any:
@@ -93,11 +99,13 @@ def scheduler(kind: str) -> Any:
 
 def sample(model: Callable[..., Any], labels: torch.Tensor, seed: int, kind: str, steps: int,
            cfg: float, batch: int, before: Callable[[], None] | None = None,
-           times: list[float] | None = None) -> torch.Tensor:
+           times: list[float] | None = None, first: int = 0) -> torch.Tensor:
     """Images [N, 1, 8, 8] in [-1, 1] for `labels`, from noise drawn with `seed`; the
-    wall-clock time of each batch (one whole sampling loop) is appended to `times`."""
+    wall-clock time of each batch (one whole sampling loop) is appended to `times`. `first`:
+    `labels` start at sample `first` of the seed's draw (a batch of a larger set gets the
+    noise it has within the whole set)."""
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), 1, 8, 8, generator=g)
+    noise = torch.randn(first + len(labels), 1, 8, 8, generator=g)[first:]
     out = []
     for lo in range(0, len(labels), batch):
         t0 = time.perf_counter()
@@ -216,193 +224,85 @@ class Judge:
         return out
 
 
-def evaluate(setup: EvalSetup, log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate(setup: EvalSetup, log: Callable[[str], None] = print,
+             quiet: bool = False) -> dict[str, Any]:
+    """Every method samples every (seed, batch) in one timing round (bench.timing.interleave,
+    the baseline timed twice per round as the control): a speedup is the median of per-round
+    ratios, with its range, and each sampler's timing says whether the run is reliable."""
     torch.manual_seed(0)
     judge = Judge.build()
     base = load_trained()
     labels = torch.arange(setup.samples) % 10
+    per_seed = -(-setup.samples // setup.batch)  # batches per seed
+    rounds = [(seed, b) for seed in setup.seeds for b in range(per_seed)]
     results: list[Result] = []
     grids: dict[str, torch.Tensor] = {}
+    timings: dict[str, Any] = {}
     started = time.perf_counter()
     for kind, steps in setup.samplers:
-        eager_times: list[float] = []  # the uncompiled model, timing only
-        with torch.no_grad():
-            sample(base, labels[:setup.batch * setup.eager_batches], -1, kind, steps, setup.cfg,
-                   setup.batch, times=eager_times)
-        eager_time = statistics.median(eager_times)
-        baseline_imgs: dict[int, torch.Tensor] = {}
-        base_time = None
-        for method in _methods(base, setup, steps, log):
-            name, n, model, before = method.name, method.interval, method.model, method.before
-            scores: list[dict[str, float]] = []
-            times: list[float] = []  # per batch, all seeds: the median is robust to a hiccup
-            with torch.no_grad():  # warm-up, once per method: compiles, first-call costs
-                sample(model, labels[:setup.batch], -1, kind, steps, setup.cfg, setup.batch,
-                       before)
-            for seed in setup.seeds:
+        methods = _methods(base, setup, steps, log)
+        run = {_key(m): functools.partial(_round, m, labels, rounds, kind, steps, setup)
+               for m in methods}
+        with bar(len(methods) + 1, f"{kind}-{steps} compiling", quiet, unit="model") as b:
+            for m in [*methods, Method("eager", None, base, None, lambda: 0.0)]:
+                b.set_postfix_str(_key(m))  # warm-up: compiles, first-call costs
                 with torch.no_grad():
-                    imgs = sample(model, labels, seed, kind, steps, setup.cfg, setup.batch,
-                                  before, times)
+                    sample(m.model, labels[:setup.batch], -1, kind, steps, setup.cfg,
+                           setup.batch, m.before)
+                b.update()
+        with torch.no_grad(), bar(len(rounds) * (len(run) + 1), f"{kind}-{steps}", quiet) as b:
+            def tick(name: str, r: int, b: Any = b) -> None:
+                b.set_postfix_str(f"round {r + 1}/{len(rounds)}: {name}")
+                b.update()
+
+            timing = interleave(run, len(rounds), "baseline", repeat_baseline=True, keep=True,
+                                progress=tick)
+            # the uncompiled model, timing only, against the baseline in the same rounds
+            eager = interleave({"baseline": run["baseline"], "eager": functools.partial(
+                _round, Method("eager", None, base, None, lambda: 0.0), labels, rounds, kind,
+                steps, setup)}, min(setup.eager_batches, len(rounds)), "baseline")
+        timings[f"{kind}-{steps}"] = {**timing.to_json(), "eager": eager.to_json()}
+        log(f"{kind}-{steps} {timing.verdict()}")
+        baseline_imgs: dict[int, torch.Tensor] = {}
+        for m in methods:
+            name, n = m.name, m.interval
+            outs = timing.outputs[_key(m)]
+            scores: list[dict[str, float]] = []
+            for seed in setup.seeds:
+                imgs = torch.cat([o for o, (s, _) in zip(outs, rounds, strict=True)
+                                  if s == seed])
                 scores.append(judge.score(imgs, labels, baseline_imgs.get(seed)))
                 if name == "baseline":
                     baseline_imgs[seed] = imgs
                 if seed == setup.seeds[0] and kind == "ddim" and (n is None or n in (3, 6)) \
                         and name in ("baseline", "fora"):
                     grids[f"{name}" + (f" N={n}" if n else "")] = imgs[:40]
-                log(f"  {kind}-{steps} {name} N={n or '-'} seed {seed}: FID "
-                    f"{scores[-1]['fid']:.2f} ({time.perf_counter() - started:.0f} s elapsed)")
-            t = statistics.median(times)
-            base_time = t if name == "baseline" else base_time
+            sp = timing.speedups.get(_key(m))
+            speedup = timing.speedup(_key(m))
             avg = {key: statistics.mean(sc[key] for sc in scores) for key in scores[0]}
             r = Result(kind, steps, name, n, avg["fid"],
                        statistics.pstdev(sc["fid"] for sc in scores), avg["is_"],
                        avg["precision"], avg["recall"], avg["class_acc"], avg.get("psnr"),
-                       base_time / t if base_time else None, eager_time / t, method.skipped(),
-                       [sc["fid"] for sc in scores])
+                       speedup, speedup / eager.speedup("eager"), m.skipped(),
+                       [sc["fid"] for sc in scores], sp.lo if sp else None,
+                       sp.hi if sp else None)
             results.append(r)
             log(f"{kind}-{steps} {name:<10} N={n or '-'}  FID {r.fid:.2f}±{r.fid_std:.2f}  "
                 f"IS {r.is_:.2f}  P {r.precision:.2f} R {r.recall:.2f}  acc {r.class_acc:.3f}  "
-                f"PSNR {r.psnr or float('nan'):.1f}  x{r.speedup or 0:.2f} "
-                f"(x{r.speedup_eager:.2f} vs eager)")
+                f"PSNR {r.psnr or float('nan'):.1f}  {timing.describe(_key(m))} "
+                f"(x{r.speedup_eager:.2f} vs eager)  [{time.perf_counter() - started:.0f} s]")
     return {"setup": asdict(setup), "fid_floor_heldout": judge.floor,
-            "rows": [asdict(r) for r in results], "grids": grids}
+            "rows": [asdict(r) for r in results], "timing": timings, "grids": grids}
 
 
-def paired_fid_delta(report: dict[str, Any], row: dict[str, Any]) -> tuple[float, float] | None:
-    """Mean and spread over seeds of (row's FID - the baseline's FID) on the same seed. The
-    seeds' shared variation cancels, so this separates methods that the ± column cannot.
-    None for reports written before per-seed FIDs were kept."""
-    base = [r for r in report["rows"] if r["method"] == "baseline"
-            and (r["sampler"], r["steps"]) == (row["sampler"], row["steps"])]
-    if row["method"] == "baseline" or not base or "fid_seeds" not in row \
-            or "fid_seeds" not in base[0]:
-        return None
-    diffs = [a - b for a, b in zip(row["fid_seeds"], base[0]["fid_seeds"], strict=True)]
-    return statistics.mean(diffs), statistics.pstdev(diffs)
+def _key(m: Method) -> str:
+    return m.name + (f" N={m.interval}" if m.interval and m.name != "baseline" else "")
 
 
-def markdown(report: dict[str, Any]) -> str:
-    cols = ["sampler", "method", "N", "FID", "± (seeds)", "ΔFID paired", "IS", "precision",
-            "recall", "class acc", "PSNR dB", "speedup", "vs eager", "skipped"]
-    lines = [f"Held-out real FID (floor): {report['fid_floor_heldout']:.2f}", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in report["rows"]:
-        delta = paired_fid_delta(report, r)
-        lines.append("| " + " | ".join([
-            f"{r['sampler']}-{r['steps']}", r["method"], str(r["interval"] or ""),
-            f"{r['fid']:.2f}", f"{r['fid_std']:.2f}",
-            "" if delta is None else f"{delta[0]:+.2f} ± {delta[1]:.2f}",
-            f"{r['is_']:.2f}",
-            f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['class_acc']:.3f}",
-            "" if r["psnr"] is None else f"{r['psnr']:.1f}",
-            "" if r["speedup"] is None else f"{r['speedup']:.2f}×",
-            f"{r['speedup_eager']:.2f}×",
-            f"{r['skipped']:.0%}"]) + " |")
-    return "\n".join(lines)
-
-
-def write_outputs(report: dict[str, Any], json_path: str | None, out_dir: str) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    grids = report.pop("grids")
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
-    render(report, out_dir)
-    write_grid(grids, out / "samples.png")
-
-
-def merge(paths: list[str]) -> dict[str, Any]:
-    """One report from the JSON files of several runs (e.g. the optional cache-dit rows run
-    later): every method row of each file, with the speedups of its own run; the baseline row
-    of the first file only. Refuses runs whose sample settings differ, because then the
-    baselines' samples, and so PSNR and FID, would not be comparable."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    keys = ("samples", "seeds", "samplers", "cfg", "batch", "compile")
-    first = reports[0]
-    for p, r in zip(paths[1:], reports[1:], strict=True):
-        diff = [k for k in keys if r["setup"][k] != first["setup"][k]]
-        if diff:
-            raise ValueError(f"{p} was run with other settings than {paths[0]}: {diff}")
-    rows = list(first["rows"]) + [row for r in reports[1:] for row in r["rows"]
-                                  if row["method"] != "baseline"]
-    samplers = list(dict.fromkeys((r["sampler"], r["steps"]) for r in rows))
-    rows.sort(key=lambda r: samplers.index((r["sampler"], r["steps"])))  # stable: runs' order
-    return {"setup": first["setup"], "fid_floor_heldout": first["fid_floor_heldout"],
-            "rows": rows, "merged_from": [str(p) for p in paths]}
-
-
-def render(report: dict[str, Any], out_dir: str) -> None:
-    """quality.md and the plot from a saved (or merged) report; no sample grid."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.md").write_text(markdown(report) + "\n")
-    _plot(report, out / "quality_vs_speedup.png")
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samplers = list(dict.fromkeys(f"{r['sampler']}-{r['steps']}" for r in report["rows"]))
-    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
-    style = {m: (f"C{i}", mk) for i, (m, mk) in enumerate(zip(methods, "osd^v<>p*", strict=False))}
-    # top row: FID (the distribution); bottom row: PSNR against the uncached samples of the
-    # same seeds (faithfulness; FID can fall below the baseline's when samples shift)
-    fig, axes = plt.subplots(2, len(samplers), figsize=(5 * len(samplers), 7), dpi=120,
-                             squeeze=False, sharey="row")
-    for col, sampler in enumerate(samplers):  # one column per sampler
-        fid_ax, psnr_ax = axes[0][col], axes[1][col]
-        for method in methods:
-            rows = [r for r in report["rows"]
-                    if f"{r['sampler']}-{r['steps']}" == sampler and r["method"] == method]
-            if not rows:
-                continue
-            xs = [r["speedup"] or 1.0 for r in rows]
-            color, marker = style[method]
-            line = "-" if len(rows) > 1 else "none"
-            # error bars: spread over seeds; every method samples the same seeds
-            fid_ax.errorbar(xs, [r["fid"] for r in rows], yerr=[r["fid_std"] for r in rows],
-                            color=color, marker=marker, capsize=2, label=method, linestyle=line)
-            if method != "baseline":
-                psnr_ax.plot(xs, [r["psnr"] for r in rows], color=color, marker=marker,
-                             label=method, linestyle=line)
-            for r, x in zip(rows, xs, strict=True):
-                if r["interval"] and method == "fora":
-                    for ax, y in ((fid_ax, r["fid"]), (psnr_ax, r["psnr"])):
-                        ax.annotate(f"N={r['interval']}", (x, y), fontsize=7, xytext=(3, 3),
-                                    textcoords="offset points")
-        fid_ax.axhline(report["fid_floor_heldout"], color="grey", linestyle=":",
-                       label="held-out real digits")
-        fid_ax.set_title(sampler, fontsize=9)
-        psnr_ax.set_xlabel("wall-clock speedup over the compiled uncached model (CPU)",
-                           fontsize=8)
-        fid_ax.legend(fontsize=7)
-        psnr_ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("FID (digits-classifier features), lower is better")
-    axes[1][0].set_ylabel("PSNR vs uncached samples, dB (higher = closer)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_grid(grids: dict[str, torch.Tensor], path: Path, scale: int = 4, per_row: int = 10,
-          rows_per_method: int = 2) -> None:
-    """Same seeds and labels in every block: column c shows class c (labels cycle 0..9)."""
-    from PIL import Image, ImageDraw
-
-    if not grids:
-        return
-    cell, label_w = 8 * scale + 2, 80
-    height = len(grids) * (rows_per_method * cell + 6)
-    img = Image.new("L", (label_w + per_row * cell, height), 255)
-    draw = ImageDraw.Draw(img)
-    for i, (name, imgs) in enumerate(grids.items()):
-        top = i * (rows_per_method * cell + 6)
-        draw.text((4, top + cell // 2), name, fill=0)
-        for j in range(min(len(imgs), per_row * rows_per_method)):
-            px = ((imgs[j, 0] + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
-            tile = Image.fromarray(px).resize((8 * scale, 8 * scale), Image.Resampling.NEAREST)
-            img.paste(tile, (label_w + (j % per_row) * cell + 1, top + (j // per_row) * cell + 1))
-    img.save(path)
+def _round(m: Method, labels: torch.Tensor, rounds: list[tuple[int, int]], kind: str,
+           steps: int, setup: EvalSetup, r: int) -> torch.Tensor:
+    """Round r of method m: batch b of seed s."""
+    seed, b = rounds[r]
+    lo = b * setup.batch
+    return sample(m.model, labels[lo:lo + setup.batch], seed, kind, steps, setup.cfg,
+                  setup.batch, m.before, first=lo)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from safetensors.torch import save_file
 
+from ..bench.progress import bar
 from .data import load_digits_split
 from .model import MODEL_CONFIG, NULL_CLASS, WEIGHTS_PATH, build_model, param_bytes
 
@@ -120,7 +121,8 @@ def _ema_state(model: torch.nn.Module, ema: dict[str, torch.Tensor]) -> dict[str
     return state
 
 
-def train(cfg: TrainConfig, out: str | Path, command: str | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, out: str | Path, command: str | None = None,
+          quiet: bool = False) -> dict[str, Any]:
     """Train, write ``out`` (EMA weights) and ``out`` with suffix ``.json``; return the record."""
     out = Path(out)
     prev_threads = torch.get_num_threads()
@@ -128,13 +130,13 @@ def train(cfg: TrainConfig, out: str | Path, command: str | None = None) -> dict
     torch.set_num_threads(cfg.num_threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, out, command)
+        return _train(cfg, out, command, quiet)
     finally:
         torch.use_deterministic_algorithms(prev_det)
         torch.set_num_threads(prev_threads)
 
 
-def _train(cfg: TrainConfig, out: Path, command: str | None) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out: Path, command: str | None, quiet: bool) -> dict[str, Any]:
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     start = time.perf_counter()
@@ -154,6 +156,7 @@ def _train(cfg: TrainConfig, out: Path, command: str | None) -> dict[str, Any]:
     perm = torch.randperm(n, generator=gen)
     cursor = 0
     smoothed: float | None = None
+    progress = bar(cfg.steps, "training", quiet, unit="step")
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > n:  # new epoch; drop the ragged tail
             perm, cursor = torch.randperm(n, generator=gen), 0
@@ -180,12 +183,17 @@ def _train(cfg: TrainConfig, out: Path, command: str | None) -> dict[str, Any]:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         value = loss.item()
         smoothed = value if smoothed is None else 0.99 * smoothed + 0.01 * value
+        progress.update()
+        if (step + 1) % 10 == 0:
+            progress.set_postfix_str(f"loss {smoothed:.4f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            print(
+            progress.write(  # above the bar, not through it; a plain print when it is off
                 f"step {step + 1:5d}/{cfg.steps}  loss {value:.4f}  smoothed {smoothed:.4f}  "
                 f"lr {lr_at(step, cfg):.2e}  elapsed {time.perf_counter() - start:7.1f}s",
-                flush=True,
+                file=sys.stdout,
             )
+            sys.stdout.flush()
+    progress.close()
     train_time = time.perf_counter() - start
 
     state = _ema_state(model, dict(zip(names, ema, strict=True)))
@@ -257,11 +265,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="weights file (default: fora_fx/quality/weights/digits_dit.safetensors)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     cfg = TrainConfig(steps=args.steps, seed=args.seed)
     env = [f"{k}={os.environ[k]}" for k in _RECORDED_ENV if k in os.environ]
     command = shlex.join([*env, "python", "-m", "fora_fx.quality.train", *argv])
-    return train(cfg, args.out, command=command)
+    return train(cfg, args.out, command=command, quiet=args.quiet)
 
 
 if __name__ == "__main__":
