@@ -5,8 +5,10 @@
 
 Each method samples the same 50-step DDIM loop with classifier-free guidance batched
 (batch images + batch uncond) on its own copy of one random-weight model. A row: loop time
-(median of repeats, device-synchronized, after one untimed warm-up loop), speedup over eager
-and over compiled, compile warm-up (the first loop), cudagraph skips, Dynamo graphs compiled,
+(median of --repeats loops, device-synchronized, after one warm-up loop), timed interleaved
+with the eager model's loops round by round (timing.paired); speedup over eager (the median
+of per-round ratios, with their range) and over compiled (the ratio of the two rows' medians);
+compile warm-up (the first loop), cudagraph skips, Dynamo graphs compiled,
 peak memory, cache bytes, max deviation from the official-style eager FORA at the same
 interval, and the device's name.
 """
@@ -16,14 +18,16 @@ from __future__ import annotations
 from .report import markdown, targets, write_json
 from .run import run
 from .setup import MODELS, Row, Setup, build, device_name, sample
-from .timing import kernel_profile, measure, step_times
+from .timing import Timings, interleave, kernel_profile, measure, step_times
 
 __all__ = [
     "MODELS",
     "Row",
     "Setup",
+    "Timings",
     "build",
     "device_name",
+    "interleave",
     "kernel_profile",
     "markdown",
     "measure",

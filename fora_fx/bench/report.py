@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .setup import Row, Setup
+from .timing import drift
 
 
 def targets(rows: list[Row], setup: Setup) -> list[str]:
@@ -62,6 +63,17 @@ def targets(rows: list[Row], setup: Setup) -> list[str]:
     return out
 
 
+def reliability(rows: list[Row]) -> dict[str, Any]:
+    """The run's timing check: each row's own (fewer than 3 rounds, the eager row's second
+    timing off 1x beyond the noise) and the eager baseline drifting from row to row."""
+    reasons = [f"{r.method} N={r.interval or '-'}: {why}" for r in rows if r.timing
+               for why in r.timing["reasons"]]
+    groups = {f"{r.method} N={r.interval or '-'}": r.timing["times_s"][r.timing["baseline"]]
+              for r in rows if r.timing}
+    reasons += drift(groups)
+    return {"unreliable": bool(reasons), "reasons": reasons}
+
+
 def markdown(rows: list[Row], setup: Setup) -> str:
     head = (f"`fora-fx bench` — {setup.model}, {setup.batch} image(s) + {setup.batch} uncond "
             f"(B={2 * setup.batch}), {setup.steps} DDIM steps, {setup.dtype}, "
@@ -77,14 +89,19 @@ def markdown(rows: list[Row], setup: Setup) -> str:
 
     for r in rows:
         lines.append("| " + " | ".join([
-            r.method, f(r.interval), f(r.loop_s, ".4f"), f(r.speedup_vs_eager, ".2f"),
+            r.method, f(r.interval), f(r.loop_s, ".4f"), _spread(r),
             f(r.speedup_vs_compiled, ".2f"), f(r.loop_s_unguarded, ".4f"),
             f(r.warmup_s, ".1f"), f(r.cudagraph_skips),
             f(r.graphs_compiled), f(r.recompiles), f(r.peak_mem_mib, ".0f"), f(r.cache_mib, ".1f"),
             f(r.max_dev_vs_hook_fora if r.max_dev_vs_eager is None else r.max_dev_vs_eager,
               ".2e"), f(r.refresh_ms, ".2f"), f(r.reuse_ms, ".2f"),
             r.device, _note(r)]) + " |")
-    text = head + "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows, setup))
+    check = reliability(rows)
+    verdict = ("UNRELIABLE timing: " + "; ".join(check["reasons"]) if check["unreliable"] else
+               f"timing ok: each row interleaved with eager over {setup.repeats} rounds, the "
+               "eager baseline steady from row to row")
+    text = (head + "\n".join(lines) + "\n\n" + verdict + "\n\n"
+            + "\n".join(f"- {t}" for t in targets(rows, setup)))
     for r in rows:
         for variant, p in (r.profile or {}).items():
             what = "kernels" if setup.device == "cuda" else "CPU ops"
@@ -95,6 +112,15 @@ def markdown(rows: list[Row], setup: Setup) -> str:
     return text
 
 
+def _spread(r: Row) -> str:
+    """The median speedup over eager and the range of its per-round values."""
+    if r.speedup_vs_eager is None:
+        return ""
+    if r.speedup_vs_eager_lo is None:
+        return f"{r.speedup_vs_eager:.2f}"
+    return f"{r.speedup_vs_eager:.2f} ({r.speedup_vs_eager_lo:.2f}–{r.speedup_vs_eager_hi:.2f})"
+
+
 def _note(r: Row) -> str:
     if r.direct_share is None:
         return r.note
@@ -103,6 +129,7 @@ def _note(r: Row) -> str:
 
 def write_json(rows: list[Row], setup: Setup, path: str) -> None:
     payload = {"setup": {**asdict(setup), "dtype": str(setup.dtype),
-                         "torch": torch.__version__}, "rows": [asdict(r) for r in rows]}
+                         "torch": torch.__version__}, "timing": reliability(rows),
+               "rows": [asdict(r) for r in rows]}
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2)

@@ -16,14 +16,27 @@ from ..config import ForaConfig
 from ..explain import explain
 from ..passes import locate
 from ..peers import DiffusersHook, HookFora
+from .progress import bar
 from .setup import MODELS, Row, Setup, build, device_name, piecewise, sample
-from .timing import CompileCaches, kernel_profile, measure, step_times, unguarded
+from .timing import CompileCaches, kernel_profile, measure, paired, step_times, unguarded
 
 
 def run(setup: Setup, log: Callable[[str], None] = print,
-        checkpoint: Callable[[list[Row]], None] | None = None) -> list[Row]:
+        checkpoint: Callable[[list[Row]], None] | None = None, quiet: bool = False) -> list[Row]:
     """All rows, in order. `checkpoint(rows)` runs after each row (a GPU run that hits its
-    time limit still leaves what it measured)."""
+    time limit still leaves what it measured). Every row's loops are timed interleaved with
+    the eager model's (timing.paired), so each speedup comes from rounds run back to back."""
+    with bar(_row_count(setup), f"bench {setup.model}", quiet, unit="row") as progress:
+        return _run(setup, log, checkpoint, progress)
+
+
+def _row_count(setup: Setup) -> int:
+    peers = len(setup.intervals) + 2 + 1 + setup.compiled_peers if setup.peers else 0
+    return 2 + len(setup.intervals) + (setup.ablation and 3 in setup.intervals) + peers
+
+
+def _run(setup: Setup, log: Callable[[str], None],
+         checkpoint: Callable[[list[Row]], None] | None, progress: Any) -> list[Row]:
     from torch._dynamo.utils import counters
 
     base, inputs = build(setup)
@@ -51,17 +64,26 @@ def run(setup: Setup, log: Callable[[str], None] = print,
         counters.clear()
         family = "compiled" if row.method == "compiled" else (
             "fora_fx" if row.method.startswith("fora_fx") else "peers")
+        progress.set_postfix_str(f"{row.method} N={row.interval or '-'}")
         with caches.use(family):
             try:
                 with torch.no_grad():
-                    row.warmup_s, row.loop_s, out, warm_graphs = measure(fn, setup)
+                    row.warmup_s, out, warm_graphs = measure(fn, setup)
+                    eager.to(setup.device)  # held on the device only while timing
+                    timing = paired(fn, None if row.method == "eager" else eager_loop,
+                                    row.method, setup)
+                    eager.cpu()
             except Exception as e:  # a peer that fails here is reported, not fatal
                 row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 add(row)
                 log(f"{row.method}: {row.note}")
                 return None
+            row.loop_s = timing.seconds(row.method)
+            row.timing = timing.to_json()
             if family != "peers":
-                row.loop_s_unguarded = unguarded(fn, setup)
+                t = unguarded(fn, setup)
+                row.loop_s_unguarded = None if t is None else row.loop_s / t.speedup(
+                    "unguarded")
         row.cudagraph_skips = int(counters["inductor"].get("cudagraph_skips", 0))
         row.graphs_compiled = int(counters["stats"].get("unique_graphs", 0))
         row.recompiles = row.graphs_compiled - warm_graphs
@@ -71,12 +93,15 @@ def run(setup: Setup, log: Callable[[str], None] = print,
             row.peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
         row.device = name
         add(row)
-        log(f"{row.method:<22} N={row.interval or '-'}  {row.loop_s:.4f} s  {row.note}")
+        log(f"{row.method:<22} N={row.interval or '-'}  {row.loop_s:.4f} s  "
+            f"{'' if row.method == 'eager' else timing.describe(row.method) + ' over eager'}  "
+            f"{row.note}")
         return out
 
     def add(row: Row) -> None:
         rows.append(row)
         _speedups(rows)
+        progress.update()
         if checkpoint is not None:
             checkpoint(rows)
 
@@ -88,6 +113,11 @@ def run(setup: Setup, log: Callable[[str], None] = print,
             return sample(m, inputs, setup.steps, on_step=on_step)
         return fn
 
+    eager = base.to(setup.device)  # the reference every row is timed against
+    eager_loop = sampler(eager)
+    with torch.no_grad():
+        eager_loop()  # untimed: its first-call costs stay out of the first row's rounds
+    eager.cpu()  # on the device only while a row is timed
     eager_out = record(Row("eager", None), sampler(fresh()))
     compiled = torch.compile(fresh(), fullgraph=whole, dynamic=False, mode=mode)
     out = record(Row("compiled", None, note=f"mode={mode or 'default'}"
@@ -174,12 +204,20 @@ def _release(device: str) -> None:
 
 
 def _speedups(rows: list[Row]) -> None:
-    eager = next((r.loop_s for r in rows if r.method == "eager"), None)
-    comp = next((r.loop_s for r in rows if r.method == "compiled"), None)
+    """From each row's own rounds against the eager model: the median per-round speedup over
+    eager and its range; over compiled, the ratio of the two rows' medians over eager."""
+    comp = next((r for r in rows if r.method == "compiled" and r.timing), None)
     for r in rows:
-        if r.loop_s:
-            r.speedup_vs_eager = eager / r.loop_s if eager else None
-            r.speedup_vs_compiled = comp / r.loop_s if comp else None
+        if not r.timing:
+            continue
+        if r.method == "eager":
+            r.speedup_vs_eager = 1.0
+        else:
+            s = r.timing["speedups"][r.method]
+            r.speedup_vs_eager, r.speedup_vs_eager_lo, r.speedup_vs_eager_hi = (
+                s["median"], s["lo"], s["hi"])
+        if comp is not None and comp.speedup_vs_eager:
+            r.speedup_vs_compiled = r.speedup_vs_eager / comp.speedup_vs_eager
 
 
 def _cache_dit_rows(setup: Setup, fresh: Callable[[], torch.nn.Module], name: str,

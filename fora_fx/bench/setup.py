@@ -87,6 +87,11 @@ class Row:
     direct_share: float | None = None
     # --profile: per step variant, {"kernels": n, "device_us": t, "top": [[name, n, us], ...]}
     profile: dict[str, Any] | None = None
+    # the range of the per-round speedups over eager (speedup_vs_eager is their median)
+    speedup_vs_eager_lo: float | None = None
+    speedup_vs_eager_hi: float | None = None
+    # this row's rounds against the eager model: bench.timing.Timings.to_json()
+    timing: dict[str, Any] | None = None
     device: str = ""
     note: str = ""
 

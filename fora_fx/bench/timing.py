@@ -93,11 +93,10 @@ class CompileCaches:
         torch._dynamo.reset()
 
 
-def measure(fn: Callable[[], torch.Tensor],
-            setup: Setup) -> tuple[float, float, torch.Tensor, int]:
-    """(warm-up seconds, median loop seconds, output, Dynamo graphs compiled by the end of
-    the warm-up). Peak memory is reset after the warm-up loop, so it is the steady state's,
-    not the compiler's."""
+def measure(fn: Callable[[], torch.Tensor], setup: Setup) -> tuple[float, torch.Tensor, int]:
+    """(warm-up seconds, output, Dynamo graphs compiled by the end of the warm-up). One more
+    loop, untimed, after peak memory is reset: the peak is the steady state's, not the
+    compiler's. Loop times come from `paired`, interleaved with the eager model's."""
     from torch._dynamo.utils import counters
 
     out: list[torch.Tensor] = []
@@ -105,19 +104,40 @@ def measure(fn: Callable[[], torch.Tensor],
     if setup.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     warm_graphs = int(counters["stats"].get("unique_graphs", 0))
-    loop = statistics.median(timed(lambda: out.append(fn()), setup)
-                             for _ in range(setup.repeats))
-    return warmup, loop, out[-1], warm_graphs
+    out.append(fn())
+    sync(setup.device)
+    return warmup, out[-1], warm_graphs
 
 
-def unguarded(fn: Callable[[], torch.Tensor], setup: Setup) -> float | None:
-    """Median loop seconds with Dynamo's guard evaluation skipped (None if this torch
-    cannot)."""
-    stance = guards.unguarded()
-    if stance is None:
+def paired(fn: Callable[[], Any], eager: Callable[[], Any] | None, name: str,
+           setup: Setup) -> Timings:
+    """`setup.repeats` rounds of `fn` (variant `name`) and the eager model, interleaved: the
+    eager model is the baseline every row of the bench is timed against in its own rounds, so
+    a row's speedup does not depend on how busy the machine was when another row ran.
+    `eager=None`: `fn` is the eager model; it is timed twice per round, a control."""
+    if eager is None:
+        return interleave({name: lambda r: fn()}, setup.repeats, name, repeat_baseline=True,
+                          device=setup.device)
+    return interleave({"eager": lambda r: eager(), name: lambda r: fn()}, setup.repeats,
+                      "eager", device=setup.device)
+
+
+def unguarded(fn: Callable[[], torch.Tensor], setup: Setup) -> Timings | None:
+    """The loop with and without Dynamo's guard evaluation, interleaved (None if this torch
+    cannot skip it): `speedup("unguarded")` is what the guards cost."""
+    probe = guards.unguarded()
+    if probe is None:
         return None
-    with torch.no_grad(), stance:
-        return statistics.median(timed(fn, setup) for _ in range(setup.repeats))
+    with probe:  # set_stance applies when called: leaving the block restores the stance
+        pass
+
+    def skip(r: int) -> torch.Tensor:
+        with guards.unguarded():  # a fresh stance per loop: one context manager, one entry
+            return fn()
+
+    with torch.no_grad():
+        return interleave({"guarded": lambda r: fn(), "unguarded": skip}, setup.repeats,
+                          "guarded", device=setup.device)
 
 
 def step_times(fast: Any, x: torch.Tensor, kwargs: dict[str, Any], setup: Setup,
@@ -302,3 +322,20 @@ def interleave(variants: Mapping[str, Callable[[int], Any]], rounds: int, baseli
     if keep:
         result.outputs = outputs
     return result
+
+
+def drift(groups: Mapping[str, Sequence[float]], floor: float = 0.10) -> list[str]:
+    """The repeated-baseline check of a run whose rows each time the same baseline in rounds
+    of their own (`fora-fx bench`: the eager model in every row). The noise is how far one
+    row's baseline times spread (half their range, relative); a row whose baseline median
+    sits further than that (and than `floor`) from the run's overall median ran on a machine
+    whose speed had changed: its rounds and the others' do not compare. One reason a row."""
+    meds = {k: statistics.median(v) for k, v in groups.items() if v}
+    if len(meds) < 2:
+        return []
+    overall = statistics.median(meds.values())
+    noise = max((max(v) - min(v)) / 2 / statistics.median(v) for v in groups.values() if v)
+    band = max(floor, noise)
+    return [f"the baseline took {m:.4g} s in the rounds of {k}, {m / overall:.2f}x the run's "
+            f"median {overall:.4g} s (beyond +-{band:.0%})"
+            for k, m in meds.items() if abs(m / overall - 1) > band]
