@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 
@@ -28,6 +27,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 import fora_fx
+from fora_fx.bench.timing import interleave
 
 NULL_CLASS = 1000  # DiT's "no label" class: labels 0..999 are real, 1000 is the uncond embedding
 GUIDANCE = 4.0
@@ -72,26 +72,27 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torc
 
 
 def compile_and_time(variants, noise, labels, steps, repeats):
-    """Runs each variant once untimed (captures + compiles), then times `repeats` rounds.
-
-    Rounds are interleaved (baseline, fora, fora, baseline, ...) so that load from other processes
-    on a shared CPU slows every variant alike instead of skewing one. Returns one row per variant.
-    """
+    """Runs each variant once untimed (captures + compiles), then `repeats` rounds, each
+    variant once per round in rotating order (fora_fx.bench.timing.interleave), so that load
+    from other processes on a shared CPU slows every variant of a round alike instead of
+    skewing one. The speedups are medians of per-round ratios against the baseline; interval=1
+    is the control that flags a run whose timing cannot be trusted. Returns one row per
+    variant and the timing."""
     rows = []
     for name, model in variants:
         t0 = time.perf_counter()
         out = sample(model, noise, labels, steps)
         rows.append({"name": name, "model": model, "out": out,
-                     "first": time.perf_counter() - t0, "times": []})
-    for _ in range(repeats):
-        for row in rows:
-            t0 = time.perf_counter()
-            again = sample(row["model"], noise, labels, steps)  # num_steps: a new generation
-            row["times"].append(time.perf_counter() - t0)
-            torch.testing.assert_close(again, row["out"], rtol=0, atol=0)  # all runs alike
+                     "first": time.perf_counter() - t0})
+    timing = interleave({r["name"]: lambda _, m=r["model"]: sample(m, noise, labels, steps)
+                         for r in rows}, repeats, rows[0]["name"], controls=[rows[1]["name"]],
+                        keep=True)
     for row in rows:
-        row["time"] = statistics.median(row["times"])
-    return rows
+        for again in timing.outputs[row["name"]]:  # num_steps: every run a new generation
+            torch.testing.assert_close(again, row["out"], rtol=0, atol=0)  # all runs alike
+        row["time"] = timing.seconds(row["name"])
+        row["speedup"] = timing.speedup(row["name"])
+    return rows, timing
 
 
 def main() -> int:
@@ -99,7 +100,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 10 quick)")
     p.add_argument("--interval", type=int, default=3, help="FORA interval N (default 3)")
     p.add_argument("--batch", type=int, default=4, help="images per batch; the model sees 2x")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds (3 or more measure the noise); the median is reported")
     p.add_argument("--quick", action="store_true", help="2 layers, 10 steps")
     args = p.parse_args()
     steps = args.steps or (10 if args.quick else 20)
@@ -120,14 +122,13 @@ def main() -> int:
                               compiler="inductor", num_steps=steps)
     variants = [("baseline (Inductor)", baseline), ("fora interval=1", fora1),
                 (f"fora interval={args.interval}", foran)]
-    rows = compile_and_time(variants, noise, labels, steps, repeats)
+    rows, timing = compile_and_time(variants, noise, labels, steps, repeats)
 
     ref = rows[0]["out"]
     for row in rows:
         diff = (row["out"] - ref).abs()
         row["max_abs"] = diff.max().item()
         row["rel"] = (diff.norm() / ref.norm()).item()  # relative L2 deviation
-        row["speedup"] = rows[0]["time"] / row["time"]
     for row in rows[1:]:
         last = row["model"]._fora_runtime.stats.history[-steps:]  # last generation; True=refresh
         row["reuse"] = f"{last.count(False)}/{steps}"
@@ -137,7 +138,8 @@ def main() -> int:
     print(fora_fx.explain(foran))
     fast, cfg = rows[2], foran._fora_config
     refresh_steps = sum(cfg.refreshes(k) for k in range(steps))
-    print(f"\nFORA interval={args.interval}: {fast['speedup']:.2f}x faster than the baseline; "
+    print(f"\nFORA interval={args.interval}: {timing.describe(fast['name'])} faster than the "
+          f"baseline; "
           f"{fast['reuse_frac']:.0%} of steps reused (refresh on {refresh_steps}/{steps}; "
           f"ideal speedup if reuse steps were free: {steps / refresh_steps:.2f}x)")
     print(f"deviation from baseline latents: max abs {fast['max_abs']:.3e}, "
@@ -150,6 +152,7 @@ def main() -> int:
         print(f"{r['name']:<22}{r['first']:>14.1f}{r['time']:>10.3f}{r['speedup']:>8.2f}x"
               f"{r.get('reuse', '-'):>8}{r['max_abs']:>11.2e}{r['rel']:>10.2e}")
 
+    print(timing.verdict())
     if not rows[1]["max_abs"] < 1e-4:
         print(f"FAIL: interval=1 differs from the baseline by {rows[1]['max_abs']:.3e} (>= 1e-4)")
         return 1

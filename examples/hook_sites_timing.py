@@ -1,6 +1,8 @@
 """Times HiDream-I1 (the image probe's tiny MoE config) three ways on this machine: under
 torch.compile, cached piecewise, and cached piecewise with its MoE feed-forwards in
-`hook_sites`. Ten steps of a 10-step schedule at N=3, median of 5 loops after a warm-up loop.
+`hook_sites`. Ten steps of a 10-step schedule at N=3; a warm-up loop each, then 5 rounds of
+one loop per variant, interleaved (probe_common.time_variants): median loop time, the median
+speedup of per-round ratios over torch.compile and their range, and whether the timing holds.
 Run: python examples/hook_sites_timing.py (docs/images.md has the figures)."""
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import fora_fx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import image_probe  # noqa: E402
-from probe_common import finish, time_loops  # noqa: E402
+from probe_common import finish, time_variants  # noqa: E402
 
 
 def main() -> None:
@@ -28,12 +30,12 @@ def main() -> None:
         "fora_fx piecewise + hook_sites": lambda m: fora_fx.transform(
             m, interval=3, fullgraph=False, hook_sites=("*.ff_i",)),
     }
-    for name, make in variants.items():
-        torch._dynamo.reset()
-        warmup, loops = time_loops(make(copy.deepcopy(model)), steps)
-        print(f"{name:<32} warm-up {warmup:.1f} s   loop {1e3 * loops[2]:.1f} ms "
-              f"(of {[round(1e3 * t, 1) for t in loops]})")
-
+    models = {name: make(copy.deepcopy(model)) for name, make in variants.items()}
+    first, t = time_variants(models, steps)
+    for name in models:
+        print(f"{name:<32} warm-up {first[name]:.1f} s   loop {1e3 * t.seconds(name):.1f} ms   "
+              f"{t.describe(name)}")
+    print(t.verdict())
 
 if __name__ == "__main__":
     main()

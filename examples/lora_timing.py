@@ -1,7 +1,9 @@
 """Times a small Flux (2 double + 4 single blocks, hidden 128, 256 image and 16 text tokens,
 B=2) with and without a rank-16 LoRA on every Linear of its blocks, under torch.compile and
-under fora_fx at N=3: ten steps of a 10-step schedule (steps 0, 3, 6, 9 recompute), median
-of 5 loops after a warm-up loop. Prints the sites fora_fx caches with the LoRA.
+under fora_fx at N=3: ten steps of a 10-step schedule (steps 0, 3, 6, 9 recompute), a warm-up
+loop each, then 5 rounds of one loop per variant, interleaved (probe_common.time_variants):
+the median speedup of per-round ratios and their range, and whether the run's timing holds.
+Prints the sites fora_fx caches with the LoRA.
 Run: python examples/lora_timing.py (docs/benchmarks.md has the figures)."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from peft import LoraConfig, inject_adapter_in_model
 import fora_fx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_common import time_loops  # noqa: E402
+from probe_common import time_variants  # noqa: E402
 
 STEPS, BATCH, SIDE, TEXT = 10, 2, 16, 16
 
@@ -54,17 +56,15 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
 def main() -> None:
     plain, steps = build()
     for label, model in (("no LoRA", plain), ("LoRA r=16 on every block Linear", with_lora(plain))):
-        torch._dynamo.reset()
-        compiled = 1e3 * time_loops(torch.compile(copy.deepcopy(model), fullgraph=True),
-                                    steps)[1][2]
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # the previous label's graphs
         fast = fora_fx.transform(copy.deepcopy(model), interval=3)
-        fora = 1e3 * time_loops(fast, steps)[1][2]
+        _, t = time_variants({"compile": torch.compile(copy.deepcopy(model), fullgraph=True),
+                              "fora": fast}, steps)
         explanation = fora_fx.explain(fast)
-        print(f"{label}: torch.compile {compiled:.1f} ms, fora_fx N=3 {fora:.1f} ms "
-              f"({compiled / fora:.2f}x); {len(explanation.sites)} sites, "
-              f"{explanation.pruned} Linear(s) narrowed; not cached: "
-              f"{explanation.uncached or 'nothing'}")
+        print(f"{label}: torch.compile {1e3 * t.seconds('compile'):.1f} ms, fora_fx N=3 "
+              f"{1e3 * t.seconds('fora'):.1f} ms ({t.describe('fora')}); "
+              f"{len(explanation.sites)} sites, {explanation.pruned} Linear(s) narrowed; not "
+              f"cached: {explanation.uncached or 'nothing'}\n  {t.verdict()}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import fora_fx
+from fora_fx.bench.timing import Timings, interleave
 
 B = 2  # batch of every case
 
@@ -149,18 +150,27 @@ def main(
     sys.exit(1 if bad or fixed else 0)
 
 
-def time_loops(fn: Callable[..., Any], steps: list[dict], loops: int = 5
-               ) -> tuple[float, list[float]]:
-    """(the first loop's seconds, which compile, and the next `loops` loops' seconds,
-    sorted): one loop calls `fn(**s)` for every step; a transformed model is reset after
-    each, so each loop is one generation."""
-    times = []
-    for _ in range(loops + 1):
+def time_variants(variants: Mapping[str, Callable[..., Any]], steps: list[dict],
+                  rounds: int = 5) -> tuple[dict[str, float], Timings]:
+    """(each variant's first loop in seconds, which compiles; the interleaved timing of the
+    next `rounds` loops): one loop calls `fn(**s)` for every step, and a transformed model is
+    reset after each, so each loop is one generation. The rounds come from the project's one
+    timing helper (fora_fx.bench.timing.interleave): the first variant is the baseline, timed
+    twice per round as the control that flags a run too noisy to trust."""
+    def loop(fn: Callable[..., Any]) -> Callable[[int], None]:
+        def run(r: int) -> None:
+            with torch.no_grad():
+                for s in steps:
+                    fn(**s)
+            if isinstance(fn, fora_fx.ForaModule):
+                fora_fx.reset(fn)
+        return run
+
+    first: dict[str, float] = {}
+    for name, fn in variants.items():
         start = time.perf_counter()
-        with torch.no_grad():
-            for s in steps:
-                fn(**s)
-        times.append(time.perf_counter() - start)
-        if isinstance(fn, fora_fx.ForaModule):
-            fora_fx.reset(fn)
-    return times[0], sorted(times[1:])
+        loop(fn)(-1)
+        first[name] = time.perf_counter() - start
+    timing = interleave({n: loop(f) for n, f in variants.items()}, rounds, next(iter(variants)),
+                        repeat_baseline=True)
+    return first, timing
