@@ -116,3 +116,49 @@ def test_too_few_rounds_are_flagged_and_ragged_times_refused():
     assert t.unreliable and "2 round(s) cannot measure the noise" in t.reasons[0]
     with pytest.raises(ValueError, match="one time per round"):
         summarize({"base": [1.0, 1.0, 1.0], "x": [0.5, 0.5]}, "base")
+
+
+def test_drift_flags_a_row_whose_baseline_ran_on_a_changed_machine():
+    from fora_fx.bench.timing import drift
+
+    steady = {"eager": [1.0, 1.02, 0.98], "compiled": [1.01, 0.99, 1.0], "fora": [1.0, 1.0, 1.03]}
+    assert drift(steady) == []
+    slow = {**steady, "fora": [1.5, 1.52, 1.49]}  # the machine got busy for this row
+    reasons = drift(slow)
+    assert len(reasons) == 1 and "rounds of fora" in reasons[0] and "1.50x" in reasons[0]
+    # a row whose own baseline times scatter that much is noise, not drift
+    assert drift({**steady, "fora": [0.7, 1.8, 1.25]}) == []
+
+
+def test_bench_reliability_collects_row_reasons_and_drift():
+    from fora_fx.bench.report import reliability
+    from fora_fx.bench.setup import Row
+
+    def row(method, eager_times):
+        other = "eager (again)" if method == "eager" else method
+        t = summarize({"eager": eager_times, other: [x / 2 for x in eager_times]}, "eager")
+        return Row(method, None, timing=t.to_json())
+
+    rows = [row("eager", [1.0, 1.0, 1.0]), row("compiled", [1.0, 1.01, 0.99])]
+    assert reliability(rows) == {"unreliable": False, "reasons": []}
+    rows.append(row("fora_fx", [2.0, 2.0, 2.0]))
+    check = reliability(rows)
+    assert check["unreliable"] and "rounds of fora_fx N=-" in check["reasons"][0]
+
+
+def test_unguarded_leaves_dynamos_stance_as_it_found_it():
+    # torch.compiler.set_stance applies when called: probing whether this torch can skip
+    # guards must not leave every later call unguarded (it made fora_fx rows fail with
+    # "Recompilation triggered with skip_guard_eval_unsafe stance").
+    import torch._dynamo.eval_frame as frames
+
+    from fora_fx.bench.setup import Setup
+    from fora_fx.bench.timing import unguarded
+
+    calls = []
+    t = unguarded(lambda: calls.append(frames._stance.skip_guard_eval_unsafe),
+                  Setup(model="tiny", device="cpu", repeats=3))
+    if t is None:
+        pytest.skip("this torch cannot skip guard evaluation")
+    assert sorted(calls) == [False] * 3 + [True] * 3  # guarded and unguarded loops
+    assert frames._stance.skip_guard_eval_unsafe is False
