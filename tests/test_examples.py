@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -39,9 +40,18 @@ def test_digits_main_job_quick(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "interval=1 reproduces the baseline" in proc.stdout
-    row = re.search(r"^fora N=3 +([\d.]+)x +(\d+)%", proc.stdout, flags=re.M)
+    row = re.search(r"^fora N=3 +([\d.]+)x +(\d+)% +([\d.]+)-([\d.]+) ", proc.stdout, flags=re.M)
     assert row and int(row.group(2)) == 60  # 10 steps: 0, 3, 6, 9 recompute
-    assert (out / "samples.png").stat().st_size > 0
+    assert float(row.group(3)) <= float(row.group(1)) <= float(row.group(4))  # median in range
+    # the verdict of the timing check is printed, and the same verdict is in the JSON
+    verdict = re.search(r"^(timing ok|UNRELIABLE timing)", proc.stdout, flags=re.M)
+    assert verdict
+    timing = json.loads((out / "results.json").read_text())["timing"]
+    assert timing["unreliable"] == (verdict.group(1) == "UNRELIABLE timing")
+    assert timing["rounds"] == 5 and timing["controls"] == ["fora N=1"]
+    assert len(timing["times_s"]["fora N=3"]) == 5
+    for name in ("samples.png", "fid_vs_speedup.png"):
+        assert (out / name).stat().st_size > 0
 
 
 def test_last_steps_probe_quick():
