@@ -24,10 +24,17 @@ def _run(pipe, case, seeds=SEEDS):
 def test_interval_1_equals_untransformed_pipeline(name):
     case = make_pipe(name)
     expected = _run(case.pipe, case)
+    # Without the batch pass the graph runs the model's own ops: bit-exact. The batch pass
+    # runs the blocks' conditioning Linears as one bmm, equal up to summation order (on an
+    # AMD EPYC dev machine the DiT pipeline's images moved by 2.9e-6; bit-exact on others).
+    plain = fora_fx.transform(case.pipe, interval=1, compiler="eager", batch_blocks=False)
+    for e, g in zip(expected, _run(plain, case), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    fora_fx.restore(plain)
     pipe = fora_fx.transform(case.pipe, interval=1, compiler="eager")
     got = _run(pipe, case)
     for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     runtime = pipe.transformer._fora_runtime
     assert runtime.stats.calls == len(SEEDS) * 8 * case.calls_per_step
     assert runtime.stats.reuses == 0
@@ -50,8 +57,8 @@ def test_interval_3_equals_eager_reference(name, fullgraph):
     runtime = pipe.transformer._fora_runtime
     fora_fx.restore(pipe)
 
-    for k, (e, g) in enumerate(zip(expected, got, strict=True)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"pipeline call {k}")
+    for k, (e, g) in enumerate(zip(expected, got, strict=True)):  # batched: see above
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=f"pipeline call {k}")
     assert runtime.stats.history == [refreshed for _, _, refreshed in ref_log]
     # 8 steps: steps 0, 3, 6 and the last (7) recompute, per branch, per call.
     per_call = [True, False, False, True, False, False, True, True]
@@ -101,8 +108,8 @@ def test_wan22_experts_are_both_cached_each_from_its_first_step():
     assert len(fora_fx.explain(pipe).sites) == len(case.sites)  # the same paths in both
     fora_fx.restore(pipe)
     assert type(case.pipe.transformer_2).__name__ == "WanTransformer3DModel"
-    for k, (e, g) in enumerate(zip(expected, got, strict=True)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"pipeline call {k}")
+    for k, (e, g) in enumerate(zip(expected, got, strict=True)):  # batched: see above
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=f"pipeline call {k}")
     for log, history in zip(logs, histories, strict=True):
         assert history == [refreshed for _, _, refreshed in log]
     # per call and branch: steps 0-3 refresh at 0 and 3; steps 4-7 at 4 (first), 6 and 7
