@@ -55,12 +55,15 @@ class Recipe:
 
 
 @st.composite
-def recipes(draw: st.DrawFn, max_depth: int = 3) -> Recipe:
+def recipes(draw: st.DrawFn, min_depth: int = 1, max_depth: int = 3,
+            resize: bool = False) -> Recipe:
+    """`resize`: every model whose table allows it changes resolution between generations."""
     pos = draw(st.sampled_from(POS))
     # a learned table has one size; a built one may change between generations
-    sizes = (4, 4) if pos == "param" else draw(st.sampled_from([(4, 8), (8, 4), (4, 4)]))
+    choices = [(4, 8), (8, 4)] + ([] if resize else [(4, 4)])
+    sizes = (4, 4) if pos == "param" else draw(st.sampled_from(choices))
     return Recipe(
-        depth=draw(st.integers(1, max_depth)),
+        depth=draw(st.integers(min_depth, max_depth)),
         heads=draw(st.sampled_from([1, 2])),
         head_dim=draw(st.sampled_from([4, 8])),
         mlp_ratio=draw(st.sampled_from([1.0, 2.0])),
