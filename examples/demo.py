@@ -153,10 +153,17 @@ def main() -> int:
               f"{r.get('reuse', '-'):>8}{r['max_abs']:>11.2e}{r['rel']:>10.2e}")
 
     print(timing.verdict())
-    if not rows[1]["max_abs"] < 1e-4:
-        print(f"FAIL: interval=1 differs from the baseline by {rows[1]['max_abs']:.3e} (>= 1e-4)")
+    # Float32 rounding, scaled to the latents: unclipped DDIM with random weights drives them
+    # to |x| ~ 400, where a few ULPs are ~1e-4 (Inductor fuses the two graphs differently).
+    # A wrong graph differs by far more (merged position tables put a DiT with outputs ~2 off
+    # by 1.9).
+    bound = 1e-6 * max(1.0, ref.abs().max().item())
+    if not rows[1]["max_abs"] < bound:
+        print(f"FAIL: interval=1 differs from the baseline by {rows[1]['max_abs']:.3e} "
+              f"(>= {bound:.1e}, 1e-6 of the latents' max abs)")
         return 1
-    print("OK: interval=1 reproduces the baseline (max abs diff < 1e-4)")
+    print(f"OK: interval=1 reproduces the baseline (max abs diff {rows[1]['max_abs']:.1e} < "
+          f"{bound:.1e}, 1e-6 of the latents' max abs)")
     return 0
 
 
