@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", default=None, choices=list(MODELS),
                        help="a diffusers config with random weights (default dit-xl-2)")
     bench.add_argument("--batch", type=int, default=1,
-                       help="images per call; CFG doubles it (1: B=2, as DESIGN.md's anchors)")
+                       help="images per call; CFG doubles it (1: B=2, one image with CFG)")
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--intervals", default="2,3,4,6", help="FORA intervals, comma-separated")
