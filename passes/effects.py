@@ -33,6 +33,7 @@ from collections.abc import Collection, Iterable
 import torch
 from torch.fx import Graph, Node
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 # Ops whose first argument contributes only its shape / dtype / device.
 _META_SELF = {
@@ -118,8 +119,7 @@ def _schemas(node: Node) -> list[torch.FunctionSchema] | None:
         return [getattr(target, o)._schema for o in target.overloads()]
     if node.op == "call_method":
         name = str(target)
-    elif node.op == "call_function" and getattr(operator, getattr(target, "__name__", ""),
-                                                None) is not target:
+    elif node.op == "call_function" and not _is_operator(node):
         name = getattr(target, "__name__", "")
     else:
         return None
@@ -136,12 +136,13 @@ def _argument(node: Node, index: int, arg: torch.Argument) -> object:
     return node.args[index] if index < len(node.args) else node.kwargs.get(arg.name)
 
 
+def _is_operator(node: Node) -> bool:
+    """`a + b`, `a & b`, `a[i]`: a function of Python's operator module."""
+    return getattr(operator, getattr(node.target, "__name__", ""), None) is node.target
+
+
 def _tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _storages(node: Node) -> frozenset:
@@ -179,10 +180,10 @@ def writes(node: Node) -> list[Node]:
             for i, arg in enumerate(schema.arguments):
                 if arg.alias_info is not None and arg.alias_info.is_write:
                     value = _argument(node, i, arg)
-                    out.update(dict.fromkeys(v for v in _nodes(value)))
+                    out.update(dict.fromkeys(
+                        v for v in tree_leaves(value) if isinstance(v, Node)))
         return list(out)
-    if node.op == "call_function" and getattr(operator, getattr(node.target, "__name__", ""),
-                                              None) is node.target:
+    if node.op == "call_function" and _is_operator(node):
         return []  # `a & b`, `a[i]`, `a + b`: Python's operators are functional on tensors
     if node.op == "call_method" and node.target in _PYTHON_ALIASES:
         return []
@@ -191,14 +192,6 @@ def writes(node: Node) -> list[Node]:
         return [first]
     mine = _storages(node)
     return [a for a in node.all_input_nodes if mine & _storages(a)]
-
-
-def _nodes(value: object) -> list[Node]:
-    if isinstance(value, Node):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [n for v in value for n in _nodes(v)]
-    return []
 
 
 def has_effect(node: Node) -> bool:
