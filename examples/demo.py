@@ -130,13 +130,13 @@ def main() -> int:
         row["max_abs"] = diff.max().item()
         row["rel"] = (diff.norm() / ref.norm()).item()  # relative L2 deviation
     for row in rows[1:]:
-        last = row["model"]._fora_runtime.stats.history[-steps:]  # last generation; True=refresh
+        last = fora_fx.stats(row["model"]).history[-steps:]  # last generation; True=refresh
         row["reuse"] = f"{last.count(False)}/{steps}"
         row["reuse_frac"] = last.count(False) / steps
 
     print(f"\n--- fora_fx.explain (interval={args.interval}) ---")
     print(fora_fx.explain(foran))
-    fast, cfg = rows[2], foran._fora_config
+    fast, cfg = rows[2], foran.fora_config
     refresh_steps = sum(cfg.refreshes(k) for k in range(steps))
     print(f"\nFORA interval={args.interval}: {timing.describe(fast['name'])} faster than the "
           f"baseline; "

@@ -169,8 +169,8 @@ def main() -> int:
         if name == "fora N=1":
             continue
         s = judge.score(imgs[name], labels, None if name == "baseline" else ref)
-        runtime = getattr(m, "_fora_runtime", None)  # the last generation's steps, True=refresh
-        reused = runtime.stats.history[-steps:].count(False) / steps if runtime else 0.0
+        fora = isinstance(m, fora_fx.ForaModule)  # the last generation's steps, True=refresh
+        reused = fora_fx.stats(m).history[-steps:].count(False) / steps if fora else 0.0
         sp = timing.speedups.get(name)
         span = f"{sp.lo:.2f}-{sp.hi:.2f}" if sp else "-"
         psnr = f"{s['psnr']:>9.1f}" if "psnr" in s else f"{'-':>9}"

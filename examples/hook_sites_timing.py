@@ -26,9 +26,10 @@ def main() -> None:
     steps = [kw(999.0 - 50 * k, 1) for k in range(10)]
     variants = {
         "torch.compile": lambda m: torch.compile(m),
-        "fora_fx piecewise": lambda m: fora_fx.transform(m, interval=3, fullgraph=False),
+        "fora_fx piecewise": lambda m: fora_fx.transform(
+            m, interval=3, piecewise=fora_fx.Piecewise()),
         "fora_fx piecewise + hook_sites": lambda m: fora_fx.transform(
-            m, interval=3, fullgraph=False, hook_sites=("*.ff_i",)),
+            m, interval=3, piecewise=fora_fx.Piecewise(hook_sites=("*.ff_i",))),
     }
     models = {name: make(copy.deepcopy(model)) for name, make in variants.items()}
     first, t = time_variants(models, steps)

@@ -3,16 +3,30 @@
     fast = fora_fx.transform(model, interval=3)
     torch.compile(model, backend="fora", options={"interval": 3})
 
-Stages, one module each: config -> (Dynamo capture) -> passes.locate -> passes.specialize ->
-passes.verify -> compile -> runtime. backend.build_pair strings them together.
+Stages, one module each: config -> (Dynamo capture) -> backend (passes.locate, the
+passes.rewrite pipeline, compile) -> runtime. README's architecture table maps the tree.
 """
 
-from . import ops  # registers the fora:: custom ops before any pass builds a graph
-from .api import ForaModule, reset, restore, transform
-from .backend import ForaBackend, NoSitesError, backend, fora_backend, register
-from .capture import capture
-from .config import ForaConfig
-from .explain import Explanation, explain
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+if _util.find_spec(__name__ + ".passes") is None:
+    # A plain checkout: passes/ sits beside fora_fx/ (an install maps it to fora_fx.passes).
+    _root = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "passes")
+    _spec = _util.spec_from_file_location(__name__ + ".passes", _os.path.join(
+        _root, "__init__.py"), submodule_search_locations=[_root])
+    if _spec is not None and _spec.loader is not None:
+        _sys.modules[_spec.name] = _module = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(_module)
+
+from . import ops, tuning  # noqa: E402 - ops registers the fora:: ops before any pass runs
+from .api import ForaModule, reset, restore, stats, transform  # noqa: E402
+from .backend import ForaBackend, backend, fora_backend, register  # noqa: E402
+from .capture import capture  # noqa: E402
+from .config import ForaConfig, Piecewise  # noqa: E402
+from .explain import Explanation, explain  # noqa: E402
+from .runtime import NoSitesError, Stats  # noqa: E402
 
 register()
 
@@ -22,6 +36,8 @@ __all__ = [
     "ForaConfig",
     "ForaModule",
     "NoSitesError",
+    "Piecewise",
+    "Stats",
     "backend",
     "capture",
     "explain",
@@ -29,6 +45,8 @@ __all__ = [
     "ops",
     "reset",
     "restore",
+    "stats",
     "transform",
+    "tuning",
 ]
 __version__ = "0.1.0"

@@ -1,59 +1,32 @@
-"""The "fora" Dynamo backend: locate -> rewrite -> verify -> compile -> dispatcher.
+"""The "fora" Dynamo backend: locate -> rewrite pipeline -> compile -> a CompiledPair.
 
-`build_pair` is the ~10 lines that run the passes. `torch.compile(m, backend="fora")` finds
-`fora_backend` through the `torch_dynamo_backends` entry point; importing fora_fx also
-registers it, guarded so that both paths work in either order (registering a name the
-entry point already declares raises "duplicate name: fora").
+`torch.compile(m, backend="fora")` finds `fora_backend` through the `torch_dynamo_backends`
+entry point; importing fora_fx also registers it, guarded so that both paths work in either
+order (registering a name the entry point already declares raises "duplicate name: fora").
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
-from .compile import compile_variant, fusion_limit_patches, store_placement_patches
-from .config import ForaConfig
-from .direct import frame_effects
-from .dispatch import BufferSpec, CompiledPair, active_paths, active_runtime
-from .passes import (
-    LocateResult,
-    Refusal,
-    Site,
-    batch_blocks,
-    clone,
-    elide_loads,
-    locate,
-    lower_stores,
-    prune_chunked_linears,
-    specialize,
-    stack_names,
-    verify,
+from . import tuning
+from .compile import (
+    BufferSpec,
+    CompiledPair,
+    compile_variant,
+    fusion_limit_patches,
+    store_placement_patches,
 )
-
-
-class NoSitesError(ValueError):
-    """Raised when a model has nothing FORA can cache."""
-
-
-def describe_refusals(located: LocateResult, config: ForaConfig) -> str:
-    lines = [f"  {r.module_path} ({r.kind}): {r.reason}" for r in located.refused]
-    skipped = [s for s in located.sites
-               if s.kind not in config.sites and config.excluded_by(s.module_path) is None]
-    lines += [f"  {s.module_path} ({s.kind}): not in config.sites={config.sites}" for s in skipped]
-    return "\n".join(lines) if lines else "  (no attention or MLP region found)"
-
-
-def _check_single_graph(gm: GraphModule) -> None:
-    reason = getattr(gm, "compile_subgraph_reason", None)
-    if reason is not None and getattr(reason, "graph_break", False):
-        raise RuntimeError(
-            "fora needs the whole forward as one graph, but Dynamo broke it "
-            f"({reason.reason}). Compile with fullgraph=True to see where, and remove the break."
-        )
+from .config import ForaConfig
+from .fastpath import frame_effects
+from .passes import Refusal, Site, locate, rewrite, stack_names
+from .runtime import NoSitesError, Runtime, describe_refusals, route
 
 
 def build_pair(
@@ -62,7 +35,9 @@ def build_pair(
     config: ForaConfig,
     module_paths: Mapping[str, str] | None = None,
     earlier_sites: Sequence[Site] = (),
+    tune: tuning.Tuning | None = None,
 ) -> CompiledPair:
+    tune = tune or tuning.current()
     located = locate(gm, module_paths, config.sites, earlier_sites)
     sites = []
     for s in located.sites:
@@ -72,56 +47,37 @@ def build_pair(
         elif s.kind in config.sites:
             sites.append(s)
     if not sites:
-        if not config.fullgraph:  # one piece of a piecewise model: it runs as it is
+        if config.piecewise is not None:  # one piece of a piecewise model: it runs as it is
             plain = compile_variant(gm, example_inputs, config)
-            return CompiledPair(config, refresh=plain, reuse=plain, specs=[], located=located,
-                                sites=[], graphs={}, param_index=None)
-        raise NoSitesError(
-            "fora_fx found no attention or MLP site to cache in this model:\n"
-            + describe_refusals(located, config)
-        )
-    refresh = specialize(gm, sites, refresh=True)
-    reuse = specialize(gm, sites, refresh=False)
-    pruned = prune_chunked_linears(reuse)  # adaLN: only the gates are live on reuse steps
-    verify(gm, refresh, sites, refresh=True)
-    verify(gm, reuse, sites, refresh=False)
-    batched = {}
-    if config.batch_blocks:  # after verify: it checks sites, which batching does not touch
-        batched = {"refresh": batch_blocks(refresh, module_paths),
-                   "reuse": batch_blocks(reuse, module_paths)}
-    graphs = {"refresh": clone(refresh), "reuse": clone(reuse)}
-    if config.compiler != "eager":  # eager runs the ops as written, for debugging
-        lower_stores(refresh)
-        elide_loads(reuse)
-
-    specs = _buffer_specs(gm, sites)
+            return CompiledPair(plain, plain, [], located, [])
+        raise NoSitesError("fora_fx found no attention or MLP site to cache in this model:\n"
+                           + describe_refusals(located, config))
+    lower = config.compiler != "eager"  # eager runs the ops as written, for debugging
+    variants = {name: rewrite(gm, sites, name == "refresh", module_paths,
+                              tune.batch_blocks, lower) for name in ("refresh", "reuse")}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    values = [nodes[out].meta["example_value"] for s in sites for out in s.outputs]
+    specs = [BufferSpec(tuple(int(d) for d in v.shape), v.dtype, v.device) for v in values]
     index = {n.name: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
-    groups = {name: [tuple(index[m] for m in members) for _, members in stack_names(variant)]
-              for name, variant in (("refresh", refresh), ("reuse", reuse))}
-    for variant in (refresh, reuse):
-        _mark_cache_inputs(variant)
+    groups = {name: [tuple(index[m] for m in members) for _, members in stack_names(v.graph)]
+              for name, v in variants.items()}
     buffers = [s.allocate() for s in specs]
-    stacked = {name: [_example_stack([example_inputs[i] for i in g]) for g in gs]
-               for name, gs in groups.items()}
-    params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
-    reuse_patches = fusion_limit_patches(config.reuse_fusion_limit)
     first = len(example_inputs)  # the cache buffers follow the graph's own inputs
-    store_patches = store_placement_patches(range(first, first + len(buffers)))
+    patches = {"refresh": store_placement_patches(range(first, first + len(buffers))),
+               "reuse": fusion_limit_patches(tune.reuse_fusion_limit)}
+    compiled = {}
+    for name, v in variants.items():
+        _mark_cache_inputs(v.graph)
+        stacked = [_example_stack([example_inputs[i] for i in g]) for g in groups[name]]
+        compiled[name] = compile_variant(v.graph, [*example_inputs, *buffers, *stacked], config,
+                                         patches[name])
+    params = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
     return CompiledPair(
-        config,
-        refresh=compile_variant(refresh, [*example_inputs, *buffers, *stacked["refresh"]],
-                                config, store_patches),
-        reuse=compile_variant(reuse, [*example_inputs, *buffers, *stacked["reuse"]], config,
-                              reuse_patches),
-        specs=specs,
-        located=located,
-        sites=sites,
-        graphs=graphs,
-        param_index=params[0] if params else None,
-        pruned=pruned,
-        stack_groups=groups,
-        batched=batched,
-    )
+        compiled["refresh"], compiled["reuse"], specs, located, sites,
+        graphs={name: v.readable for name, v in variants.items()},
+        counts={name: v.counts for name, v in variants.items()},
+        batched={name: v.batched for name, v in variants.items() if tune.batch_blocks},
+        stack_groups=groups, param_index=params[0] if params else None)
 
 
 def _example_stack(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -135,16 +91,6 @@ def _example_stack(params: Sequence[torch.Tensor]) -> torch.Tensor:
     mode = detect_fake_mode()  # None outside Dynamo (a hand-built graph): a real allocation
     with mode if mode is not None else contextlib.nullcontext():
         return torch.empty((len(params), *p.shape), dtype=p.dtype, device=p.device)
-
-
-def _buffer_specs(gm: GraphModule, sites: Sequence[Any]) -> list[BufferSpec]:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    specs = []
-    for site in sites:
-        for out in site.outputs:
-            val = nodes[out].meta["example_value"]
-            specs.append(BufferSpec(tuple(int(s) for s in val.shape), val.dtype, val.device))
-    return specs
 
 
 def _mark_cache_inputs(gm: GraphModule) -> None:
@@ -167,47 +113,56 @@ class ForaBackend:
     one backend may serve many models (and Dynamo may share the compiled code among them).
     """
 
-    def __init__(self, config: ForaConfig):
+    def __init__(self, config: ForaConfig, tune: tuning.Tuning):
         self.config = config
+        self.tuning = tune
 
-    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> CompiledPair:
-        earlier: list[Site] = []
-        if self.config.fullgraph:
-            _check_single_graph(gm)
-        else:
-            runtime = active_runtime()
-            if runtime is None:
-                raise ValueError(
-                    "ForaConfig(fullgraph=False) works through fora_fx.transform only, which "
-                    "decides each model call's step once for all of its graphs; "
-                    "torch.compile(backend='fora') sees graphs, not model calls"
-                )
-            # Graphs run in order: what the model's earlier graphs cache.
-            earlier = [s for p in runtime.pairs for s in p.sites]
-        pair = build_pair(gm, example_inputs, self.config, active_paths(), earlier)
+    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Any:
+        """Compiles one captured graph; returns what Dynamo calls (`CompiledPair.entry`)."""
+        runtime = Runtime.current()
+        if self.config.piecewise is None:
+            reason = getattr(gm, "compile_subgraph_reason", None)
+            if reason is not None and getattr(reason, "graph_break", False):
+                raise RuntimeError(
+                    "fora needs the whole forward as one graph, but Dynamo broke it "
+                    f"({reason.reason}). Compile with fullgraph=True to see where, and remove "
+                    "the break.")
+        elif runtime is None:
+            raise ValueError(
+                "ForaConfig(piecewise=...) works through fora_fx.transform only, which decides "
+                "each model call's step once for all of its graphs; "
+                "torch.compile(backend='fora') sees graphs, not model calls")
+        # A piecewise model's graphs run in order: what its earlier graphs cache.
+        earlier = [s for p in runtime.pairs for s in p.sites] if runtime is not None else []
+        paths = runtime.paths if runtime is not None else None
+        pair = build_pair(gm, example_inputs, self.config, paths, earlier, self.tuning)
         pair.frame_effects = frame_effects()
-        return pair
+        pair.entry = functools.partial(route, pair, self.config, self.tuning)
+        return pair.entry
 
     def __repr__(self) -> str:
-        return f"ForaBackend({self.config})"
+        return f"ForaBackend({self.config}, {self.tuning})"
 
 
-_BACKENDS: dict[ForaConfig, ForaBackend] = {}
+_BACKENDS: dict[tuple[ForaConfig, tuple], ForaBackend] = {}
 
 
 def backend(config: ForaConfig | None = None, **options: Any) -> ForaBackend:
     """The backend for a config: `torch.compile(m, backend=fora_fx.backend(cfg))`.
 
-    One object per distinct config, so that compiling another model with the same config
-    reuses Dynamo's cache entry instead of adding one (entries per code object are limited).
+    One object per distinct config and graph-changing tuning, so that compiling another model
+    with the same config reuses Dynamo's cache entry instead of adding one (entries per code
+    object are limited).
     """
     if config is None:
         config = ForaConfig(**options)
     elif options:
         config = config.replace(**options)
-    if config not in _BACKENDS:
-        _BACKENDS[config] = ForaBackend(config)
-    return _BACKENDS[config]
+    tune = tuning.current()
+    key = (config, tune.graph_key)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = ForaBackend(config, tune)
+    return _BACKENDS[key]
 
 
 def fora_backend(
@@ -215,7 +170,7 @@ def fora_backend(
     example_inputs: Sequence[Any],
     mode: str | None = None,
     options: dict[str, Any] | None = None,
-) -> CompiledPair:
+) -> Any:
     """The backend registered as "fora"; `options=` carries ForaConfig fields."""
     return backend(ForaConfig.from_options(options, mode))(gm, example_inputs)
 

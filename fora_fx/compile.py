@@ -1,8 +1,10 @@
-"""Compile stage: hand one rewritten variant to Inductor (or run it un-compiled)."""
+"""Compile stage: hand each rewritten variant to Inductor (or run it un-compiled); the
+result, a `CompiledPair`, is plain data the runtime runs."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,6 +12,47 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import GraphModule
 
 from .config import ForaConfig
+from .passes import Batched, LocateResult, Site
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def allocate(self) -> torch.Tensor:
+        # Persistent, static-address, written in place by fora::store: outputs of a CUDA-graph
+        # replay are overwritten by the next replay, so they cannot serve as the cache.
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+@dataclass(eq=False)  # identity: a pair keys its cache buffers
+class CompiledPair:
+    """The two compiled variants of one captured graph. It holds no model state: Dynamo
+    shares compiled code between model instances whose guards match, so `entry` (what Dynamo
+    calls) finds the calling model's Runtime on each call (fora_fx/runtime.py)."""
+
+    refresh: Callable[..., Any]
+    reuse: Callable[..., Any]
+    specs: list[BufferSpec]
+    located: LocateResult
+    sites: list[Site]
+    graphs: dict[str, GraphModule] = field(default_factory=dict)  # readable, for explain
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> pass -> n
+    batched: dict[str, list[Batched]] = field(default_factory=dict)  # variant -> block runs
+    # variant -> the input indices of the parameters each of its stacked inputs holds
+    stack_groups: dict[str, list[tuple[int, ...]]] = field(
+        default_factory=lambda: {"refresh": [], "reuse": []})
+    param_index: int | None = None  # an input that identifies the model (a parameter)
+    # Whether Dynamo's frame around this graph has Python side effects on existing objects
+    # (None: unknown); fora_fx/fastpath.py says what it allows.
+    frame_effects: bool | None = None
+    entry: Callable[..., Any] | None = None  # set by the backend: routes to the Runtime
+
+    @property
+    def pruned(self) -> int:
+        return self.counts.get("reuse", {}).get("prune", 0)
 
 
 def inductor_patches(mode: str | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""ForaConfig: the one object that says what FORA does, in the paper's vocabulary.
+"""ForaConfig: what a user decides, in the paper's vocabulary; the schedule rule lives here.
 
-The schedule rule lives here and nowhere else (`ForaConfig.refreshes`).
+Performance internals (batching, guard skipping, fusion limits) are not here: they are
+fora_fx.tuning's, measured defaults a user never needs to touch.
 """
 
 from __future__ import annotations
@@ -13,14 +14,23 @@ from typing import Any
 SITE_KINDS = ("attn", "cross_attn", "mlp", "parallel")
 COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Options of the first release that are now fora_fx.tuning's or Piecewise's: named on use.
+MOVED = {
+    "batch_blocks": "fora_fx.tuning.patch(batch_blocks=...)",
+    "skip_guards": "fora_fx.tuning.patch(fast_calls='off')",
+    "direct_calls": "fora_fx.tuning.patch(fast_calls='unguarded')",
+    "reuse_fusion_limit": "fora_fx.tuning.patch(reuse_fusion_limit=...)",
+    "fullgraph": "piecewise=fora_fx.Piecewise() (fullgraph=False)",
+    "hook_sites": "piecewise=fora_fx.Piecewise(hook_sites=...)",
+}
 
 
-def _require_int(name: str, value: object, minimum: int) -> None:
+def require_int(owner: str, value: object, minimum: int) -> None:
     # bool is an int subclass; `interval=True` is a bug, not a 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ForaConfig.{name} must be an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{owner} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"ForaConfig.{name} must be an int >= {minimum}, got {value}")
+        raise ValueError(f"{owner} must be an int >= {minimum}, got {value}")
 
 
 def _patterns(name: str, value: object, example: str) -> tuple[str, ...]:
@@ -29,10 +39,31 @@ def _patterns(name: str, value: object, example: str) -> tuple[str, ...]:
         isinstance(p, str) and p for p in patterns
     ):
         raise TypeError(
-            f"ForaConfig.{name} must be a tuple of module-path patterns such as {example}, "
-            f"got {value!r}"
+            f"{name} must be a tuple of module-path patterns such as {example}, got {value!r}"
         )
     return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class Piecewise:
+    """Caching a model Dynamo cannot capture as one graph (`ForaConfig(piecewise=...)`).
+
+    Each graph Dynamo captures has its sites cached, the code between graphs runs eagerly on
+    every call, and the step is decided once per model call. Slower per step than one graph
+    (Python between graphs, no single CUDA graph). Through `fora_fx.transform` only.
+
+    hook_sites: module-path patterns (fnmatch: "*.ff_i") of modules cached around their call
+                instead of inside a graph: computed eagerly on refresh steps, their output
+                returned on reuse steps, as the paper's hooks do. For modules whose forward
+                Dynamo cannot capture (HiDream-I1's mixture of experts). The locator cannot
+                see inside them: naming one asserts its output is a residual branch.
+    """
+
+    hook_sites: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hook_sites", _patterns("Piecewise.hook_sites",
+                                                         self.hook_sites, "('*.ff_i',)"))
 
 
 @dataclass(frozen=True)
@@ -49,45 +80,13 @@ class ForaConfig:
                    "parallel" (a parallel block's fused attention + MLP output, Flux).
     exclude:       module-path patterns (fnmatch: "context_embedder.*",
                    "transformer_blocks.0.*") whose sites are not cached; `explain` lists
-                   them with the pattern. For sites outside the DiT blocks the paper caches
-                   (HunyuanVideo's token refiner) or blocks kept exact.
-    hook_sites:    module-path patterns (fnmatch: "*.ff_i") of modules cached around their
-                   call instead of inside a graph: computed eagerly on refresh steps, their
-                   output returned on reuse steps, as the paper's hooks do. For modules whose
-                   forward Dynamo cannot capture (HiDream-I1's mixture of experts); needs
-                   fullgraph=False. The locator's checks cannot see inside them: naming one
-                   asserts its output is a residual branch (fora_fx/hooks.py).
+                   them with the pattern.
     compiler:      "inductor" (default), "aot_eager" or "eager" (runs the rewritten graphs
                    without compiling; for debugging and fast tests).
     mode:          torch.compile mode for Inductor; "reduce-overhead" turns on CUDA graphs.
-    batch_blocks:  run the blocks' conditioning (timestep / class embedders, adaLN Linears)
-                   as one computation vmapped over blocks (passes/batch.py): a few kernels
-                   instead of a few per block. Re-homes those parameters into stacked
-                   tensors on the first call (fora_fx/stacks.py); False leaves them alone.
-    skip_guards:   a ForaModule call that continues a generation with inputs of the same
-                   structure, shapes, dtypes and devices as the previous call (same model
-                   mode, autocast state and parameter storage) runs with Dynamo's guard
-                   evaluation skipped (torch.compiler.set_stance(skip_guard_eval_unsafe)):
-                   guards cost more host time than a reuse step takes on a GPU. The first
-                   call of every generation, and any call that differs, is fully guarded.
-    direct_calls:  such a call also skips Dynamo's frame, which fetches every parameter
-                   through its module path on each call: it goes straight to the compiled
-                   graphs with the inputs recorded at the generation's first call
-                   (fora_fx/direct.py). Declined, per graph, where the frame does more
-                   (a Python side effect). Takes effect only with skip_guards.
-    fullgraph:     True: the model's forward must be one graph, and a graph break raises
-                   (naming the model and Dynamo's reason). False (through `transform`
-                   only): a model whose own code Dynamo cannot capture in one graph is
-                   cached piecewise: each graph Dynamo captures has its sites cached, the
-                   code between graphs runs eagerly every call, and the step is decided
-                   once per model call. Slower per step than one graph (Python between
-                   graphs, no single CUDA graph); skip_guards and direct_calls do not apply.
-    reuse_fusion_limit: the most distinct buffers one fused kernel of the reuse graph may
-                   read or write (Inductor's max_fusion_unique_io_buffers, for that compile
-                   only). Keeps Inductor from fusing the whole cached residual chain into
-                   the final norm's reduction (on an H100, DiT-XL/2 at B=16: a 4.8 ms kernel
-                   against a 0.2 ms memory floor; docs/how-it-works.md). None: Inductor's
-                   default, no limit.
+    piecewise:     None: the forward must be one graph (a graph break raises, naming
+                   Dynamo's reason). `Piecewise(...)`: cache what Dynamo captures around its
+                   graph breaks (see Piecewise).
     """
 
     interval: int = 3
@@ -96,56 +95,44 @@ class ForaConfig:
     refresh_last: bool = True
     sites: tuple[str, ...] = SITE_KINDS
     exclude: tuple[str, ...] = ()
-    hook_sites: tuple[str, ...] = ()
     compiler: str = "inductor"
     mode: str | None = None
-    batch_blocks: bool = True
-    skip_guards: bool = True
-    direct_calls: bool = True
-    fullgraph: bool = True
-    reuse_fusion_limit: int | None = 16
+    piecewise: Piecewise | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ForaConfig:
+        check_options(kwargs)  # a moved option's error names its new home
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
-        _require_int("interval", self.interval, 1)
-        _require_int("warmup_steps", self.warmup_steps, 1)
+        require_int("ForaConfig.interval", self.interval, 1)
+        require_int("ForaConfig.warmup_steps", self.warmup_steps, 1)
         if self.num_steps is not None:
-            _require_int("num_steps", self.num_steps, 1)
+            require_int("ForaConfig.num_steps", self.num_steps, 1)
         if not isinstance(self.refresh_last, bool):
             raise TypeError(f"ForaConfig.refresh_last must be a bool, got {self.refresh_last!r}")
-        sites = self.sites
-        if isinstance(sites, str):
-            sites = (sites,)
-        sites = tuple(sites)
-        unknown = [s for s in sites if s not in SITE_KINDS]
-        if unknown or not sites:
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        if not sites or any(s not in SITE_KINDS for s in sites):
             raise ValueError(
                 f"ForaConfig.sites must be a non-empty subset of {SITE_KINDS}, got {self.sites!r}"
             )
         object.__setattr__(self, "sites", sites)
-        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude,
+        object.__setattr__(self, "exclude", _patterns("ForaConfig.exclude", self.exclude,
                                                       "('context_embedder.*',)"))
-        object.__setattr__(self, "hook_sites", _patterns("hook_sites", self.hook_sites,
-                                                         "('*.ff_i',)"))
         if self.compiler not in COMPILERS:
             raise ValueError(
                 f"ForaConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}"
             )
-        if not isinstance(self.batch_blocks, bool):
-            raise TypeError(f"ForaConfig.batch_blocks must be a bool, got {self.batch_blocks!r}")
-        if not isinstance(self.skip_guards, bool):
-            raise TypeError(f"ForaConfig.skip_guards must be a bool, got {self.skip_guards!r}")
-        if not isinstance(self.direct_calls, bool):
-            raise TypeError(f"ForaConfig.direct_calls must be a bool, got {self.direct_calls!r}")
-        if not isinstance(self.fullgraph, bool):
-            raise TypeError(f"ForaConfig.fullgraph must be a bool, got {self.fullgraph!r}")
-        if self.reuse_fusion_limit is not None:
-            _require_int("reuse_fusion_limit", self.reuse_fusion_limit, 2)
         if self.mode not in MODES:
             raise ValueError(f"ForaConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.hook_sites and self.fullgraph:
+        if self.mode is not None and self.compiler != "inductor":
             raise ValueError(
-                "ForaConfig.hook_sites runs the named modules outside Dynamo's graphs, which "
-                "splits the forward: it needs fullgraph=False"
+                f"ForaConfig.mode={self.mode!r} is an Inductor mode; it needs "
+                f"compiler='inductor', not {self.compiler!r}"
+            )
+        if not (self.piecewise is None or isinstance(self.piecewise, Piecewise)):
+            raise TypeError(
+                f"ForaConfig.piecewise must be None or fora_fx.Piecewise(...), got "
+                f"{self.piecewise!r}"
             )
 
     def refreshes(self, step: int, num_steps: int | None = None) -> bool:
@@ -163,18 +150,24 @@ class ForaConfig:
         return next((p for p in self.exclude if fnmatch.fnmatchcase(module_path, p)), None)
 
     def replace(self, **changes: Any) -> ForaConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **check_options(changes))
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> ForaConfig:
         """Builds a config from torch.compile's `options=` dict (or `mode=`)."""
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown fora option(s) {unknown}; valid options are {sorted(known)}"
-            )
+        options = check_options(dict(options or {}))
         if mode is not None:
             options.setdefault("mode", mode)
         return cls(**options)
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Refuses unknown option names, saying where a moved one lives now."""
+    known = {f.name for f in dataclasses.fields(ForaConfig)}
+    for name in options:
+        if name in MOVED:
+            raise TypeError(f"ForaConfig has no option {name!r}; use {MOVED[name]}")
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown fora option(s) {unknown}; valid options are {sorted(known)}")
+    return options

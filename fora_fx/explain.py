@@ -7,12 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .api import ForaModule, reset, runtimes
-from .dispatch import CompiledPair
+from .compile import CompiledPair
 from .passes import Batched, Refusal, Site, outer_block, path_order
-from .pipelines import is_pipeline, wrapped
 from .runtime import Runtime
 
 
@@ -36,8 +33,8 @@ class Explanation:
     calls: int = 0  # model calls so far, and how many of them recomputed / reused
     refreshes: int = 0
     reuses: int = 0
-    unguarded: int = 0  # calls that skipped Dynamo's guards (config.skip_guards) ...
-    direct: int = 0  # ... and of those, its frame (config.direct_calls, fora_fx/direct.py)
+    unguarded: int = 0  # calls that skipped Dynamo's guards (tuning.fast_calls) ...
+    direct: int = 0  # ... and of those, its frame (fora_fx/fastpath.py)
     frame_effects: bool | None = None  # the first graph's frame has Python side effects
     graphs: dict[str, str] = field(default_factory=dict)  # "refresh"/"reuse" -> Python code
     show_graphs: bool = False
@@ -89,7 +86,8 @@ class Explanation:
             if self.piecewise:
                 lines.append(
                     "  (a module Dynamo cannot capture whole, such as a mixture of experts, "
-                    "can be cached around its call: ForaConfig(hook_sites=(\"<path pattern>\",)))"
+                    "can be cached around its call: "
+                    "fora_fx.Piecewise(hook_sites=(\"<path pattern>\",)))"
                 )
         if self.show_graphs:
             for name, code in self.graphs.items():
@@ -128,26 +126,17 @@ def readable(code: str) -> str:
     return "\n".join(out)
 
 
-def _runtimes_and_models(obj: Any) -> list[tuple[Runtime, torch.nn.Module | None]]:
-    if isinstance(obj, ForaModule):
-        return [(obj._fora_runtime, obj._fora_model)]
-    if is_pipeline(obj):
-        return [(f._fora_runtime, f._fora_model) for f in wrapped(obj).values()]
-    return [(rt, None) for rt in runtimes(obj)]
-
-
-def _block_runs(
-    rt: Runtime, model: torch.nn.Module | None
-) -> dict[str, tuple[bool, list[str]]]:
+def _block_runs(rt: Runtime) -> dict[str, tuple[bool, list[str]]]:
     """For each site (True) or uncached module (False) of a graph that ran several times per
     call (piecewise: Dynamo compiled a block's own frame once and runs it for every block),
     its path in each run: the block is the one whose parameters the run was called with
     ("blocks.0.attn" for the graph's first block -> "blocks.2.attn" for the run with
     blocks.2's weights)."""
+    model = rt.model
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     keys: dict[CompiledPair, dict[tuple[tuple[int, ...], int], None]] = {}
     for branch in rt.branches.values():
-        for pair, params, occurrence in branch.pieces:
+        for pair, params, occurrence in branch.pieces.buffers:
             keys.setdefault(pair, {})[(params, occurrence)] = None
     out: dict[str, tuple[bool, list[str]]] = {}
     for pair, runs in keys.items():
@@ -207,8 +196,8 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     # fullgraph=False: a graph compiled from a block's own frame runs for every block; its
     # sites are listed once per block it ran for.
     runs: dict[str, int] = {}
-    for rt, model in _runtimes_and_models(obj):
-        for first, (is_site, paths) in _block_runs(rt, model).items():
+    for rt in runtimes(obj):
+        for first, (is_site, paths) in _block_runs(rt).items():
             if not is_site:
                 if first in uncached:
                     del uncached[first]
@@ -223,6 +212,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
     if runs:  # per-block copies follow their graph: list the sites in block order
         listed.sort(key=lambda s: path_order(s.module_path))
     pair = pairs[0]  # the first graph compiled; its rewritten code is what graph=True prints
+    stats = [rt.snapshot() for rt in runtimes(obj)]
     return Explanation(
         sites=listed,
         refused=list(refused.values()),
@@ -230,16 +220,16 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         uncovered=[b for b in uncovered if not any(s.startswith(b + ".") for s in sites)],
         uncached=sorted((m for m in uncached if m not in sites), key=path_order),
         hooked=[p for rt in runtimes(obj) for p in rt.hooked],
-        piecewise=any(not rt.config.fullgraph for rt in runtimes(obj)),
+        piecewise=any(rt.config.piecewise is not None for rt in runtimes(obj)),
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
         batched=pair.batched,
-        cache_bytes=sum(rt.cache_bytes for rt in runtimes(obj)),
-        calls=sum(rt.stats.calls for rt in runtimes(obj)),
-        refreshes=sum(rt.stats.refreshes for rt in runtimes(obj)),
-        reuses=sum(rt.stats.reuses for rt in runtimes(obj)),
-        unguarded=sum(rt.stats.unguarded for rt in runtimes(obj)),
-        direct=sum(rt.stats.direct for rt in runtimes(obj)),
+        cache_bytes=sum(s.cache_bytes for s in stats),
+        calls=sum(s.calls for s in stats),
+        refreshes=sum(s.refreshes for s in stats),
+        reuses=sum(s.reuses for s in stats),
+        unguarded=sum(s.unguarded for s in stats),
+        direct=sum(s.direct for s in stats),
         frame_effects=pair.frame_effects,
         graphs={k: readable(g.code) for k, g in pair.graphs.items()},
         show_graphs=graph,

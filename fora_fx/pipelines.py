@@ -65,7 +65,7 @@ def wrapped(pipe: Any) -> dict[str, Any]:
     """name -> the pipeline's transformed transformers (ForaModules), in transformer_names
     order."""
     found = {n: getattr(pipe, n, None) for n in transformer_names(pipe)}
-    return {n: f for n, f in found.items() if getattr(f, "_fora_model", None) is not None}
+    return {n: f for n, f in found.items() if getattr(f, "_fora", None) is not None}
 
 
 def restore_pipeline(pipe: Any) -> Any:
@@ -73,6 +73,6 @@ def restore_pipeline(pipe: Any) -> Any:
     if not fasts:
         raise TypeError(f"fora_fx.restore: {type(pipe).__name__} was not transformed")
     for name, fast in fasts.items():
-        fast._fora_runtime.release()
-        object.__setattr__(pipe, name, fast._fora_model)
+        fast._fora.release()
+        object.__setattr__(pipe, name, fast._fora.model)
     return pipe

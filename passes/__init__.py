@@ -1,16 +1,17 @@
 """Pure graph -> graph passes of fora_fx. They import neither diffusers nor Inductor.
 
     result = locate(gm)                          # find attention / MLP sites
-    refresh = specialize(gm, sites, True)        # compute + fora::store into cache buffers
-    reuse = specialize(gm, sites, False)         # fora::load from buffers, dead regions removed
-    prune_chunked_linears(reuse)                 # adaLN Linear -> only its live (gate) chunks
-    verify(gm, refresh, sites, True); verify(gm, reuse, sites, False)
-    batch_blocks(reuse, paths)                   # per-block conditioning -> one vmapped copy
+    refresh = rewrite(gm, sites, refresh=True)   # compute + fora::store into cache buffers
+    reuse = rewrite(gm, sites, refresh=False)    # fora::load from buffers, dead regions removed
+
+`rewrite` (passes/pipeline.py) runs the passes in order (specialize, prune, batch, lowering)
+with `verify` after every one.
 """
 
 from .batch import Batched, Stack, batch_blocks, stack_names
 from .locate import locate
 from .paths import normalize_path, outer_block, path_order
+from .pipeline import Variant, rewrite
 from .prune import prune_chunked_linears
 from .sites import LocateResult, Refusal, Site
 from .specialize import buffer_names, clone, elide_loads, lower_stores, specialize
@@ -34,6 +35,8 @@ __all__ = [
     "outer_block",
     "path_order",
     "prune_chunked_linears",
+    "rewrite",
     "specialize",
     "verify",
+    "Variant",
 ]

@@ -1,4 +1,4 @@
-"""Verify pass: the invariants every rewritten variant keeps (docs/invariants.md).
+"""The graph checker run after every pass: lint plus the invariants of docs/invariants.md.
 
 Raises GraphInvariantError naming the broken invariant; never repairs.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
 from .sites import Site
 from .specialize import LOAD, STORE, buffer_names
@@ -21,6 +22,13 @@ def _fail(variant: str, msg: str) -> None:
     raise GraphInvariantError(f"fora {variant} graph: {msg}")
 
 
+def _is_store(node: Node, buffers: set[Node]) -> bool:
+    """fora::store, or the in-place copy lower_stores turns it into for compiling."""
+    return node.op == "call_function" and (
+        node.target is STORE or (node.target is torch.ops.aten.copy_.default
+                                 and node.args[0] in buffers))
+
+
 def verify(
     original: GraphModule, variant: GraphModule, sites: Sequence[Site], refresh: bool
 ) -> None:
@@ -28,18 +36,21 @@ def verify(
     graph = variant.graph
     graph.lint()
     orig_inputs = [n.name for n in original.graph.find_nodes(op="placeholder")]
-    inputs = [n.name for n in graph.find_nodes(op="placeholder")]
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    inputs = [n.name for n in placeholders if "fora_stack" not in n.meta]
     expected_bufs = [b for s in sites for b in buffer_names(s)]
-    # I1: original inputs first, unchanged and in order; then one cache buffer per site output.
-    if inputs != orig_inputs + expected_bufs:
-        _fail(kind, f"inputs are {inputs[len(orig_inputs):]}, expected {expected_bufs} appended")
+    # I1: original inputs first, unchanged and in order; then one cache buffer per site
+    # output; then the batch pass's parameter stacks, if any.
+    if inputs != orig_inputs + expected_bufs or any(
+            "fora_stack" not in n.meta for n in placeholders[len(inputs):]):
+        _fail(kind, f"inputs are {[n.name for n in placeholders][len(orig_inputs):]}, "
+                    f"expected {expected_bufs} (then parameter stacks) appended")
     # I2: same number of outputs as the captured graph.
-    n_out = len(original.graph.output_node().args[0])
-    if len(graph.output_node().args[0]) != n_out:
+    if len(graph.output_node().args[0]) != len(original.graph.output_node().args[0]):
         _fail(kind, "output arity changed")
-    stores = list(graph.find_nodes(op="call_function", target=STORE))
+    buffers = {n for n in placeholders if n.name in expected_bufs}
+    stores = [n for n in graph.nodes if _is_store(n, buffers)]
     loads = list(graph.find_nodes(op="call_function", target=LOAD))
-    buf_nodes = {n.name: n for n in graph.find_nodes(op="placeholder") if n.name in expected_bufs}
     names = {n.name for n in graph.nodes}
     if refresh:
         # I3: each buffer written exactly once, by a store of its own site output; no loads.
@@ -60,9 +71,8 @@ def verify(
             alive = sorted(site.nodes & names)
             if alive:
                 _fail(kind, f"site {site.name} still computes {alive[:5]}")
-        for name, buf in buf_nodes.items():
+        for buf in buffers:
             for user in buf.users:
-                if user.op == "call_function" and user.target is not LOAD:
-                    schema = getattr(user.target, "_schema", None)
-                    if schema is not None and schema.is_mutable:
-                        _fail(kind, f"buffer {name} is mutated by {user.name}")
+                schema = getattr(user.target, "_schema", None)
+                if user.target is not LOAD and schema is not None and schema.is_mutable:
+                    _fail(kind, f"buffer {buf.name} is mutated by {user.name}")

@@ -5,6 +5,7 @@ never computes with a weight the model no longer has."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -25,15 +26,14 @@ def _run(model, case, steps, seed=SEED):
 
 
 def _batched(fast) -> dict[str, list]:
-    (pair,) = fast._fora_runtime.pairs
-    return pair.batched
+    return fora_fx.explain(fast).batched
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_batching_changes_no_result(name):
     case = make(name)
-    plain = fora_fx.transform(copy.deepcopy(case.model), interval=2, compiler="eager",
-                              batch_blocks=False)
+    with fora_fx.tuning.patch(batch_blocks=False):
+        plain = fora_fx.transform(copy.deepcopy(case.model), interval=2, compiler="eager")
     fast = fora_fx.transform(case.model, interval=2, compiler="eager")
     expected, got = _run(plain, case, 5), _run(fast, case, 5)
     for e, g in zip(expected, got, strict=True):
@@ -80,7 +80,8 @@ def test_in_place_weight_change_reaches_the_stack():
     _run(fast, case, 3)
     fast.load_state_dict(other.state_dict())  # copies into the (stacked) parameters
     fora_fx.reset(fast)
-    reference = fora_fx.transform(other, interval=2, compiler="eager", batch_blocks=False)
+    with fora_fx.tuning.patch(batch_blocks=False):
+        reference = fora_fx.transform(other, interval=2, compiler="eager")
     for e, g in zip(_run(reference, case, 4), _run(fast, case, 4), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
@@ -96,8 +97,8 @@ def test_new_parameter_storage_is_never_read_stale(compiler):
     assert not stacks.valid([b.norm1.linear.weight for b in case.model.transformer_blocks],
                             stacks._HOME[case.model.transformer_blocks[0].norm1.linear.weight][0])
     fora_fx.reset(fast)
-    reference = fora_fx.transform(copy.deepcopy(case.model), interval=2, compiler="eager",
-                                  batch_blocks=False)
+    with fora_fx.tuning.patch(batch_blocks=False):
+        reference = fora_fx.transform(copy.deepcopy(case.model), interval=2, compiler="eager")
     for e, g in zip(_run(reference, case, 4), _run(fast, case, 4), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
@@ -112,8 +113,8 @@ def test_stack_refuses_mismatched_parameters():
 
 def test_inductor_batched_equals_unbatched():
     case = make("dit")
-    plain = fora_fx.transform(copy.deepcopy(case.model), interval=2, batch_blocks=False,
-                              reuse_fusion_limit=None)
+    with fora_fx.tuning.patch(batch_blocks=False, reuse_fusion_limit=None):
+        plain = fora_fx.transform(copy.deepcopy(case.model), interval=2)
     fast = fora_fx.transform(case.model, interval=2)
     for e, g in zip(_run(plain, case, 4), _run(fast, case, 4), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
@@ -122,9 +123,11 @@ def test_inductor_batched_equals_unbatched():
 
 def test_config_validates_new_fields():
     with pytest.raises(TypeError, match="batch_blocks must be a bool"):
-        fora_fx.ForaConfig(batch_blocks=1)
+        fora_fx.tuning.Tuning(batch_blocks=1)
     with pytest.raises(ValueError, match="reuse_fusion_limit must be an int >= 2"):
-        fora_fx.ForaConfig(reuse_fusion_limit=1)
+        fora_fx.tuning.patch(reuse_fusion_limit=1).__enter__()
+    with pytest.raises(ValueError, match=r"fast_calls must be one of \('direct', 'unguarded'"):
+        fora_fx.tuning.Tuning(fast_calls="never")
     assert fusion_limit_patches(None) == {}
     import torch._inductor.config as inductor_config
 
@@ -151,8 +154,8 @@ def test_random_dits_batched_equal_unbatched(depth, heads, head_dim, interval, s
         for p in model.parameters():
             if not bool(p.ne(0).any()):  # adaLN-Zero: give every gate a value
                 p.normal_(0, 0.05)
-    plain = fora_fx.transform(copy.deepcopy(model), interval=interval, compiler="eager",
-                              batch_blocks=False)
+    with fora_fx.tuning.patch(batch_blocks=False):
+        plain = fora_fx.transform(copy.deepcopy(model), interval=interval, compiler="eager")
     fast = fora_fx.transform(model, interval=interval, compiler="eager")
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([1, 3])
@@ -210,11 +213,10 @@ def test_dit_final_layer_reads_block_0s_batched_conditioning():
     case = make("dit")
     fast = fora_fx.transform(case.model, interval=2, compiler="eager")
     _run(fast, case, 2)
-    (pair,) = fast._fora_runtime.pairs
-    for variant in ("refresh", "reuse"):
-        weight = next(n for n in pair.graphs[variant].graph.find_nodes(op="placeholder")
-                      if "blocks_modules_0" in n.name and "linear_1_parameters_weight" in n.name)
-        assert not weight.users, variant
+    for variant, code in fora_fx.explain(fast).graphs.items():
+        signature, body = code.split("\n", 1)
+        (weight,) = re.findall(r"\w*blocks_modules_0_\w*linear_1_parameters_weight\w*", signature)
+        assert re.search(rf"\b{weight}\b", body) is None, variant  # read by nothing
 
 
 class _Blocks(torch.nn.Module):

@@ -30,13 +30,12 @@ def test_inductor_two_generations_one_pair_no_recompile():
         for k in range(10):
             args, kwargs = case.inputs(k, 0)
             outs.append(output_tensor(fast(*args, **kwargs)))
-    stats = fast._fora_runtime.stats
-    assert len(fast._fora_runtime.pairs) == 1  # one captured graph -> one refresh/reuse pair
+    assert fora_fx.stats(fast).graphs == 1  # one captured graph -> one refresh/reuse pair
     assert _aot_compiles() == 2  # exactly the two variants went through AOT + Inductor
     assert counters["stats"]["unique_graphs"] == 1  # Dynamo never recompiled
     assert not counters["graph_break"]
     expected_pattern = [True, False, False, True, False, False, True, False, False, True]
-    assert stats.history == expected_pattern * 2
+    assert fora_fx.stats(fast).history == expected_pattern * 2
 
     ref = EagerFora(case.model, case.sites, interval=3, num_steps=10)
     expected = []

@@ -26,7 +26,9 @@ from fora_fx import ForaConfig
         ({"mode": "fast"}, "mode must be one of"),
         ({"exclude": ("blocks.0.*", 3)}, "exclude must be a tuple of module-path patterns"),
         ({"exclude": ("",)}, "exclude must be a tuple of module-path patterns"),
-        ({"fullgraph": "no"}, "fullgraph must be a bool"),
+        ({"piecewise": True}, r"piecewise must be None or fora_fx.Piecewise"),
+        ({"mode": "reduce-overhead", "compiler": "eager"}, "needs compiler='inductor'"),
+        ({"batch_blocks": False}, r"use fora_fx.tuning.patch\(batch_blocks=...\)"),
     ],
 )
 def test_invalid_values_say_what_is_valid(kwargs, match):

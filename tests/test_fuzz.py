@@ -54,7 +54,8 @@ def test_generated_models_are_exact_through_the_eager_compiler(recipe):
     SEEN.update(recipe.features())
     SEEN["examples"] += 1
     for batch_blocks in (True, False):
-        _check(recipe, 1e-5, compiler="eager", batch_blocks=batch_blocks)
+        with fora_fx.tuning.patch(batch_blocks=batch_blocks):
+            _check(recipe, 1e-5, compiler="eager")
 
 
 @settings(max_examples=3)

@@ -183,7 +183,7 @@ def test_load_lora_weights_on_a_transformed_pipeline():
     sites = [s.module_path for s in fora_fx.explain(pipe).sites]
     pipe.load_lora_weights(lora)
     got = run(pipe)
-    pairs = pipe.transformer._fora_runtime.pairs  # the graph before the LoRA, and with it
+    pairs = pipe.transformer._fora.pairs  # the graph before the LoRA, and with it
     assert len(pairs) == 2 and sorted(s.module_path for s in pairs[1].sites) == sorted(sites)
     assert pairs[1].located.uncached == []
     fora_fx.restore(pipe)

@@ -41,7 +41,7 @@ def test_explain_lists_sites_bytes_and_graphs(dit):
         fora_fx.explain(fora_fx.transform(case.model, compiler="eager"))
     args, kwargs = case.inputs(0, 0)
     ex = fora_fx.explain(fast, *args, **kwargs, graph=True)
-    assert fast._fora_runtime.step == 0  # explain's capture call was undone by a reset
+    assert fora_fx.stats(fast).step == 0  # explain's capture call was undone by a reset
     assert [s.module_path for s in ex.sites] == case.explained
     assert ex.cache_bytes == sum(s.nbytes for s in ex.sites) == 4 * 2 * 16 * 32 * 4
     text = str(ex)
@@ -57,7 +57,7 @@ def test_restore_returns_original_and_frees_cache():
     fast(*args, **kwargs)
     assert fora_fx.explain(fast).cache_bytes > 0
     assert fora_fx.restore(fast) is case.model
-    assert fast._fora_runtime.pairs == []
+    assert fora_fx.stats(fast).graphs == 0 and fora_fx.stats(fast).cache_bytes == 0
     with torch.no_grad():
         case.model(*args, **kwargs)  # the original model is untouched
     with pytest.raises(RuntimeError, match="released by fora_fx.restore"):
@@ -68,7 +68,7 @@ def test_transform_argument_errors():
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         fora_fx.transform(lambda x: x)
     fast = fora_fx.transform(toy.Toy(), 2, compiler="eager")
-    assert fast._fora_config.interval == 2
+    assert fast.fora_config.interval == 2
     with pytest.raises(TypeError, match="already transformed"):
         fora_fx.transform(fast)
     with pytest.raises(TypeError, match="config must be a ForaConfig or an int"):
@@ -82,7 +82,7 @@ def test_transform_argument_errors():
 def test_failed_call_invalidates_cache():
     fast = fora_fx.transform(toy.Toy(), interval=4, compiler="eager")
     assert fast(*toy.inputs(1)).item() == toy.recomputed(1)
-    pair = fast._fora_runtime.pairs[0]
+    pair = fast._fora.pairs[0]  # fault injection: the compiled reuse variant fails
     reuse = pair.reuse
 
     def broken(*args):
@@ -93,7 +93,7 @@ def test_failed_call_invalidates_cache():
         fast(*toy.inputs(2))
     pair.reuse = reuse
     # The step did not count, and nothing cached before the failure is trusted.
-    assert fast._fora_runtime.step == 1
+    assert fora_fx.stats(fast).step == 1
     assert fast(*toy.inputs(3)).item() == toy.recomputed(3)
     assert fast(*toy.inputs(4)).item() == toy.reused(4, 3)
 
@@ -101,7 +101,7 @@ def test_failed_call_invalidates_cache():
 def test_concurrent_call_is_refused():
     fast = fora_fx.transform(toy.Toy(), interval=2, compiler="eager")
     fast(*toy.inputs(1))
-    rt = fast._fora_runtime
+    rt = fast._fora
     rt._lock.acquire()  # another thread is mid-step
     try:
         with pytest.raises(RuntimeError, match="called while another call was running"):
@@ -183,7 +183,7 @@ def test_dtype_change_recomputes():
     x, t = (a.float() for a in toy.inputs(3))
     out = fast(x, t)
     assert out.dtype == torch.float32 and out.item() == toy.recomputed(3)
-    assert fast._fora_runtime.stats.history == [True, False, True]
+    assert fora_fx.stats(fast).history == [True, False, True]
 
 
 def test_deleting_the_model_frees_its_cache():
@@ -192,7 +192,7 @@ def test_deleting_the_model_frees_its_cache():
 
     fast = fora_fx.transform(toy.Toy(), interval=2, compiler="eager")
     fast(*toy.inputs(1))
-    (buffers,) = fast._fora_runtime.branches["default"].buffers.values()
+    (buffers,) = fast._fora.branches["default"].buffers.values()
     refs = [weakref.ref(b) for b in buffers]
     del fast, buffers
     gc.collect()

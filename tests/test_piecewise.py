@@ -1,4 +1,4 @@
-"""ForaConfig(fullgraph=False): models whose own code breaks Dynamo's graph are cached
+"""ForaConfig(piecewise=Piecewise(...)): models whose own code breaks Dynamo's graph are cached
 piecewise — every captured graph's sites, one step decision per model call."""
 
 from __future__ import annotations
@@ -10,6 +10,12 @@ from torch import nn
 from toy import Mlp16 as _Mlp
 
 import fora_fx
+
+PIECES = fora_fx.Piecewise()
+
+
+def hooked(*patterns: str) -> fora_fx.Piecewise:
+    return fora_fx.Piecewise(hook_sites=patterns)
 
 
 class _Block(nn.Module):
@@ -64,13 +70,13 @@ def test_piecewise_equals_the_eager_reference(break_inside):
         expected = [ref(*s) for s in steps] + [ref(*s) for s in steps]
         ref.remove()
         plain = [model(*s) for s in steps]
-    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", piecewise=PIECES)
     got = [fast(*s) for s in steps] + [fast(*s) for s in steps]  # two generations
     for k, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
     assert torch.equal(got[0], plain[0]) and not torch.equal(got[1], plain[1])
     pattern = [True, False, False, True, False, False, True]  # last step recomputes
-    assert fast._fora_runtime.stats.history == pattern * 2
+    assert fora_fx.stats(fast).history == pattern * 2
     explanation = fora_fx.explain(fast)
     # Between blocks: a graph before the break and one after. Inside blocks: Dynamo runs
     # each block's frame as graphs of its own, the same graphs for every block; each
@@ -89,12 +95,12 @@ def test_piecewise_equals_the_eager_reference(break_inside):
 
 def test_a_graph_break_says_how_to_cache_piecewise():
     fast = fora_fx.transform(_Broken(False).eval(), compiler="eager")
-    with pytest.raises(RuntimeError, match="fullgraph=False"):
+    with pytest.raises(RuntimeError, match=r"piecewise=fora_fx.Piecewise\(\)"):
         fast(torch.randn(2, 5, 16), torch.full((2,), 999.0))
 
 
 def test_piecewise_needs_transform():
-    cfg = fora_fx.ForaConfig(compiler="eager", fullgraph=False)
+    cfg = fora_fx.ForaConfig(compiler="eager", piecewise=PIECES)
     compiled = torch.compile(_Broken(False).eval(), backend=fora_fx.backend(cfg))
     with pytest.raises(Exception, match="works through fora_fx.transform only"):
         compiled(torch.randn(2, 5, 16), torch.full((2,), 999.0))
@@ -112,7 +118,7 @@ class _NoSites(nn.Module):
 
 
 def test_piecewise_without_any_site_raises():
-    fast = fora_fx.transform(_NoSites().eval(), compiler="eager", fullgraph=False)
+    fast = fora_fx.transform(_NoSites().eval(), compiler="eager", piecewise=PIECES)
     with pytest.raises(fora_fx.NoSitesError, match="2 graph"):
         fast(torch.randn(2, 5, 16))
 
@@ -132,7 +138,7 @@ class _LoopBroken(nn.Module):
 def test_a_whole_forward_skipped_by_dynamo_is_refused():
     x, t = torch.randn(2, 5, 16), torch.full((2,), 999.0)
     torch.manual_seed(0)
-    piecewise = fora_fx.transform(_LoopBroken().eval(), compiler="eager", fullgraph=False)
+    piecewise = fora_fx.transform(_LoopBroken().eval(), compiler="eager", piecewise=PIECES)
     piecewise(x, t)
     # Now Dynamo runs _LoopBroken.forward eagerly and compiles each block's frame: under
     # fullgraph=True every block would count as a step of its own.
@@ -140,7 +146,8 @@ def test_a_whole_forward_skipped_by_dynamo_is_refused():
     with pytest.raises(RuntimeError, match=r"ran 2 FORA graphs .* torch._dynamo.reset\(\)"):
         fast(x, t)
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="fullgraph=False"):  # the plain graph-break error
+    # the plain graph-break error
+    with pytest.raises(RuntimeError, match=r"piecewise=fora_fx.Piecewise\(\)"):
         fast(x, t)
 
 
@@ -204,7 +211,7 @@ def test_hook_sites_cache_a_module_dynamo_cannot_capture():
     mlps = [f"blocks.{i}.mlp" for i in range(2)]
     # Piecewise alone caches the attentions; the MLPs run on every step, and explain says so
     # (the MLP's pieces hold no candidate, but their block's attention is cached).
-    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", piecewise=PIECES)
     got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
     for k, (g, e) in enumerate(zip(got, _reference(model, attn, steps), strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
@@ -214,12 +221,12 @@ def test_hook_sites_cache_a_module_dynamo_cannot_capture():
     fora_fx.restore(fast)
     torch._dynamo.reset()
     # Named in hook_sites, the MLPs are cached too: what the paper's hooks compute.
-    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False,
-                             hook_sites=("blocks.*.mlp",))
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager",
+                             piecewise=hooked("blocks.*.mlp"))
     got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
     for k, (g, e) in enumerate(zip(got, _reference(model, attn + mlps, steps), strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
-    assert fast._fora_runtime.stats.history == [True, False, False, True, False, False, True] * 2
+    assert fora_fx.stats(fast).history == [True, False, False, True, False, False, True] * 2
     explanation = fora_fx.explain(fast)
     assert explanation.hooked == mlps
     assert "cached around the module call (hook_sites" in str(explanation)
@@ -230,12 +237,12 @@ def test_hook_sites_cache_a_module_dynamo_cannot_capture():
 
 
 def test_hook_sites_are_checked():
-    with pytest.raises(ValueError, match="needs fullgraph=False"):
+    with pytest.raises(TypeError, match=r"use piecewise=fora_fx.Piecewise\(hook_sites=...\)"):
         fora_fx.ForaConfig(hook_sites=("blocks.*.mlp",))
     with pytest.raises(TypeError, match="module-path patterns"):
-        fora_fx.ForaConfig(hook_sites=(3,), fullgraph=False)
+        fora_fx.Piecewise(hook_sites=(3,))
     with pytest.raises(ValueError, match=r"'blocks\.\*\.ffn' names no module .* mlp"):
-        fora_fx.transform(_Loop(_HookBlock).eval(), fullgraph=False, hook_sites=("blocks.*.ffn",))
+        fora_fx.transform(_Loop(_HookBlock).eval(), piecewise=hooked("blocks.*.ffn"))
 
 
 def test_a_hook_site_output_written_in_place_is_not_reused():
@@ -248,7 +255,7 @@ def test_a_hook_site_output_written_in_place_is_not_reused():
             return x
 
     fast = fora_fx.transform(Writer(_HookBlock).eval(), interval=3, compiler="eager",
-                             fullgraph=False, hook_sites=("blocks.*.mlp",))
+                             piecewise=hooked("blocks.*.mlp"))
     x, t = torch.randn(2, 5, 16), torch.full((2,), 999.0)
     fast(x, t)
     with pytest.raises(RuntimeError, match="modified in place"):
@@ -286,19 +293,19 @@ def test_hidream_moe_in_hook_sites_equals_the_eager_reference():
         expected = [ref(**s)[0] for s in steps]
         ref.remove()
     # Without hook_sites, explain names the MoE modules as running on every step.
-    plain = fora_fx.transform(model, compiler="eager", fullgraph=False)
+    plain = fora_fx.transform(model, compiler="eager", piecewise=PIECES)
     plain(**steps[0])
     # Every MoE module, each named once per block although several graphs (the MoE's
     # pieces, each run for every block) hold it.
     assert fora_fx.explain(plain).uncached == [p for p in sites if p.endswith("ff_i")]
     fora_fx.restore(plain)
     torch._dynamo.reset()
-    fast = fora_fx.transform(model, interval=3, num_steps=5, compiler="eager", fullgraph=False,
-                             hook_sites=("*.ff_i",))
+    fast = fora_fx.transform(model, interval=3, num_steps=5, compiler="eager",
+                             piecewise=hooked("*.ff_i"))
     got = [fast(**s)[0] for s in steps]
     for k, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"step {k}")
-    assert fast._fora_runtime.stats.history == [True, False, False, True, True]
+    assert fora_fx.stats(fast).history == [True, False, False, True, True]
     explanation = fora_fx.explain(fast)
     assert explanation.hooked == [p for p in sites if p.endswith("ff_i")]
     # the graphs Dynamo compiled from each kind of block's frame, listed for every block
@@ -312,15 +319,14 @@ def test_a_hook_site_called_with_new_shapes_recomputes():
     other shape's output."""
     torch.manual_seed(0)
     model = _Loop(_HookBlock).eval()
-    fast = fora_fx.transform(model, interval=3, compiler="eager", fullgraph=False,
-                             hook_sites=("blocks.*.mlp",))
+    fast = fora_fx.transform(model, interval=3, compiler="eager", piecewise=hooked("blocks.*.mlp"))
     t = torch.full((2,), 999.0)
     a, b = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
     with torch.no_grad():
         expected = model(b, t)
     fast(a, t)  # step 0: refresh at 5 tokens
     torch.testing.assert_close(fast(b, t), expected)  # step 1: 7 tokens, every site new
-    assert fast._fora_runtime.stats.history == [True, True]
+    assert fora_fx.stats(fast).history == [True, True]
 
 
 class _ParallelBlock(nn.Module):
@@ -346,7 +352,7 @@ def test_a_parallel_block_compiled_from_its_own_frame_is_one_site():
     model = _Loop(_ParallelBlock, graph_breaks=True).eval()
     steps = [(torch.randn(2, 5, 16), torch.full((2,), 999.0 - 90 * k)) for k in range(7)]
     expected = _reference(model, [f"blocks.{i}.proj_out" for i in range(2)], steps)
-    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", fullgraph=False)
+    fast = fora_fx.transform(model, interval=3, num_steps=7, compiler="eager", piecewise=PIECES)
     got = [fast(*s) for s in steps] + [fast(*s) for s in steps]
     for k, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")

@@ -52,8 +52,8 @@ def test_two_experts_follow_the_pipelines_steps(scheduler):
             want = expected(ts)[:2] + [R(ts[2]), R(ts[3]), U(ts[4], ts[3]), U(ts[5], ts[3]),
                                        R(ts[6])]
             assert [o[branch] for o in out] == want
-    histories = [pipe.transformer._fora_runtime.stats.history,
-                 pipe.transformer_2._fora_runtime.stats.history]
+    histories = [fora_fx.stats(pipe.transformer).history,
+                 fora_fx.stats(pipe.transformer_2).history]
     assert histories == [[True, True, False, False] * 2,
                          ([True] * 4 + [False] * 4 + [True] * 2) * 2]  # two branches
     fora_fx.reset(pipe)  # within a generation: the next call is step 0 for every expert
@@ -71,7 +71,7 @@ def test_two_calls_per_step_get_separate_caches():
     out = pipe(TS, second=second)
     assert [o[0] for o in out] == expected(TS)
     assert [o[1] for o in out] == expected(second)  # never the first branch's cache
-    assert sorted(pipe.transformer._fora_runtime.branches) == ["call0", "call1"]
+    assert sorted(fora_fx.stats(pipe.transformer).branches) == ["call0", "call1"]
 
 
 def test_cache_context_names_branches():
@@ -80,7 +80,7 @@ def test_cache_context_names_branches():
     out = pipe(TS, second=second, contexts=("cond", "uncond"))
     assert [o[0] for o in out] == expected(TS)
     assert [o[1] for o in out] == expected(second)
-    assert sorted(pipe.transformer._fora_runtime.branches) == ["cond", "uncond"]
+    assert sorted(fora_fx.stats(pipe.transformer).branches) == ["cond", "uncond"]
 
 
 def test_call_that_raised_midway_leaves_nothing_behind():

@@ -27,7 +27,8 @@ def test_interval_1_equals_untransformed_pipeline(name):
     # Without the batch pass the graph runs the model's own ops: bit-exact. The batch pass
     # runs the blocks' conditioning Linears as one bmm, equal up to summation order (on an
     # AMD EPYC dev machine the DiT pipeline's images moved by 2.9e-6; bit-exact on others).
-    plain = fora_fx.transform(case.pipe, interval=1, compiler="eager", batch_blocks=False)
+    with fora_fx.tuning.patch(batch_blocks=False):
+        plain = fora_fx.transform(case.pipe, interval=1, compiler="eager")
     for e, g in zip(expected, _run(plain, case), strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     fora_fx.restore(plain)
@@ -35,15 +36,15 @@ def test_interval_1_equals_untransformed_pipeline(name):
     got = _run(pipe, case)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    runtime = pipe.transformer._fora_runtime
-    assert runtime.stats.calls == len(SEEDS) * 8 * case.calls_per_step
-    assert runtime.stats.reuses == 0
+    stats = fora_fx.stats(pipe)
+    assert stats.calls == len(SEEDS) * 8 * case.calls_per_step
+    assert stats.reuses == 0
     fora_fx.restore(pipe)
 
 
-@pytest.mark.parametrize("name, fullgraph", [(n, True) for n in sorted(PIPES)]
-                         + [("sd3_slg", False)])  # piecewise: two calls per step
-def test_interval_3_equals_eager_reference(name, fullgraph):
+@pytest.mark.parametrize("name, piecewise", [(n, None) for n in sorted(PIPES)]
+                         + [("sd3_slg", fora_fx.Piecewise())])  # two calls per step
+def test_interval_3_equals_eager_reference(name, piecewise):
     case = make_pipe(name)
     plain = _run(case.pipe, case, seeds=SEEDS[:1])
 
@@ -52,14 +53,14 @@ def test_interval_3_equals_eager_reference(name, fullgraph):
     ref_log = list(ref.log)
     ref.remove()
 
-    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager", fullgraph=fullgraph)
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager", piecewise=piecewise)
     got = _run(pipe, case)
-    runtime = pipe.transformer._fora_runtime
+    history = fora_fx.stats(pipe).history
     fora_fx.restore(pipe)
 
     for k, (e, g) in enumerate(zip(expected, got, strict=True)):  # batched: see above
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=f"pipeline call {k}")
-    assert runtime.stats.history == [refreshed for _, _, refreshed in ref_log]
+    assert history == [refreshed for _, _, refreshed in ref_log]
     # 8 steps: steps 0, 3, 6 and the last (7) recompute, per branch, per call.
     per_call = [True, False, False, True, False, False, True, True]
     branches = sorted({b for b, _, _ in ref_log})
@@ -74,7 +75,7 @@ def test_true_cfg_branches_are_named_by_cache_context(name):
     case = make_pipe(name)
     pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
     _run(pipe, case, seeds=(0,))
-    assert sorted(pipe.transformer._fora_runtime.branches) == ["cond", "uncond"]
+    assert sorted(fora_fx.stats(pipe.transformer).branches) == ["cond", "uncond"]
     fora_fx.restore(pipe)
 
 
@@ -82,10 +83,10 @@ def test_skip_layer_guidance_call_gets_its_own_branch():
     case = make_pipe("sd3_slg")
     pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
     _run(pipe, case, seeds=(0,))
-    runtime = pipe.transformer._fora_runtime
-    assert sorted(runtime.branches) == ["call0", "call1"]
+    stats = fora_fx.stats(pipe)
+    assert sorted(stats.branches) == ["call0", "call1"]
     # The skip-layer call has half the batch: its own graph, its own buffers.
-    assert len(runtime.pairs) == 2
+    assert stats.graphs == 2
     fora_fx.restore(pipe)
 
 
@@ -103,8 +104,8 @@ def test_wan22_experts_are_both_cached_each_from_its_first_step():
     pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager")
     assert type(pipe.transformer_2).__name__ == "ForaModule"
     got = _run(pipe, case, seeds=SEEDS[:2])
-    histories = [pipe.transformer._fora_runtime.stats.history,
-                 pipe.transformer_2._fora_runtime.stats.history]
+    histories = [fora_fx.stats(pipe.transformer).history,
+                 fora_fx.stats(pipe.transformer_2).history]
     assert len(fora_fx.explain(pipe).sites) == len(case.sites)  # the same paths in both
     fora_fx.restore(pipe)
     assert type(case.pipe.transformer_2).__name__ == "WanTransformer3DModel"

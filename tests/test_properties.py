@@ -116,7 +116,7 @@ class ToySequences(RuleBasedStateMachine):
         if hasattr(self, "models"):
             for m, model in enumerate(self.models):
                 default = self.oracle[m].get("default", [0])
-                assert model._fora_runtime.step == default[0]
+                assert fora_fx.stats(model).step == default[0]
 
 
 class ToySequencesWrapping(ToySequences):

@@ -26,7 +26,7 @@ def test_interval_1_equals_original(name):
     got = _run(fast, case, 3)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
-    assert fast._fora_runtime.stats.reuses == 0
+    assert fora_fx.stats(fast).reuses == 0
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_matches_eager_reference_over_two_generations(name, compiler):
 
     for k, (e, g) in enumerate(zip(expected, got, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
-    assert fast._fora_runtime.stats.history == decisions == [True, False, False, True, False] * 2
+    assert fora_fx.stats(fast).history == decisions == [True, False, False, True, False] * 2
     # Caching really changed the result on reuse steps (the check can fail).
     plain = _run(case.model, case, 2, seed=1)
     assert not torch.allclose(plain[1], got[1])
@@ -95,7 +95,7 @@ def test_new_shape_recomputes_and_old_cache_is_never_read():
     # Back to batch 1 at a reuse step: the batch-1 cache is from t=1, older than the last
     # refresh, so it must not be read.
     assert fast(*toy.inputs(5)).item() == r(5)
-    assert len(fast._fora_runtime.pairs) == 2
+    assert fora_fx.stats(fast).graphs == 2
 
 
 def test_excluded_sites_run_every_step_and_are_listed():

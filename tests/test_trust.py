@@ -70,7 +70,8 @@ def test_run_time_tables_written_in_place_are_not_merged(batch_blocks):
     torch.manual_seed(0)
     model = TablesDiT().eval()
     expected = _run(model)
-    fast = fora_fx.transform(model, interval=1, compiler="eager", batch_blocks=batch_blocks)
+    with fora_fx.tuning.patch(batch_blocks=batch_blocks):
+        fast = fora_fx.transform(model, interval=1, compiler="eager")
     for got, want in zip(_run(fast), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -79,7 +80,8 @@ def test_run_time_tables_written_in_place_are_not_merged(batch_blocks):
 def test_rotary_table_written_inside_attention_is_cached_and_exact(batch_blocks):
     model = _rotary_dit()
     expected = _run(model)
-    fast = fora_fx.transform(model, interval=1, compiler="eager", batch_blocks=batch_blocks)
+    with fora_fx.tuning.patch(batch_blocks=batch_blocks):
+        fast = fora_fx.transform(model, interval=1, compiler="eager")
     paths = [f"blocks.{i}.{s}" for i in range(3) for s in ("attn", "mlp")]
     for got, want in zip(_run(fast), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -89,7 +91,8 @@ def test_rotary_table_written_inside_attention_is_cached_and_exact(batch_blocks)
     ref = EagerFora(model, paths, interval=3)
     expected = _run(ref, 5)
     ref.remove()
-    fast = fora_fx.transform(model, interval=3, compiler="eager", batch_blocks=batch_blocks)
+    with fora_fx.tuning.patch(batch_blocks=batch_blocks):
+        fast = fora_fx.transform(model, interval=3, compiler="eager")
     for got, want in zip(_run(fast, 5), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -225,7 +228,7 @@ def test_deepcopy_is_an_independent_transformed_model():
     first = [_run_one(fast, k) for k in range(2)]
     twin = copy.deepcopy(fast)
     assert isinstance(twin, fora_fx.ForaModule)
-    assert twin._fora_model is not model
+    assert next(twin.parameters()) is not next(model.parameters())
     # The copy starts at step 0 with empty caches, and the original's generation goes on.
     again = [_run_one(twin, k) for k in range(2)]
     for a, b in zip(again, first, strict=True):

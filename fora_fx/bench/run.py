@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .. import api
+from .. import api, tuning
 from ..capture import capture, module_paths
-from ..config import ForaConfig
+from ..config import ForaConfig, Piecewise
 from ..explain import explain
 from ..passes import locate
 from ..peers import DiffusersHook, HookFora
@@ -136,19 +136,22 @@ def _run(setup: Setup, log: Callable[[str], None],
         if ref is not None:
             refs[n] = ref
         del hook_model, loop
-    variants = [("fora_fx", n, ForaConfig(interval=n, mode=mode, fullgraph=whole))
-                for n in setup.intervals]
+    pieces = None if whole else Piecewise()
+    variants: list[tuple[str, int, ForaConfig, dict[str, Any]]] = [
+        ("fora_fx", n, ForaConfig(interval=n, mode=mode, piecewise=pieces), {})
+        for n in setup.intervals]
     if setup.ablation and 3 in setup.intervals:  # what the batch pass + fusion limit buy
         variants.append(("fora_fx -batch -limit", 3, ForaConfig(
-            interval=3, mode=mode, batch_blocks=False, reuse_fusion_limit=None,
-            fullgraph=whole)))
-    for method, n, cfg in variants:
-        fast = api.transform(fresh(), cfg)
+            interval=3, mode=mode, piecewise=pieces),
+            {"batch_blocks": False, "reuse_fusion_limit": None}))
+    for method, n, cfg, tune in variants:
+        with tuning.patch(**tune):
+            fast = api.transform(fresh(), cfg)
         out = record(Row(method, n), sampler(fast, before=functools.partial(api.reset, fast)),
                      ref=refs.get(n))
         if out is not None:
             rows[-1].cache_mib = explain(fast).cache_bytes / 2**20
-            stats = fast._fora_runtime.stats
+            stats = api.stats(fast)
             rows[-1].direct_share = stats.direct / max(stats.calls, 1)
             if n > 1:
                 rows[-1].refresh_ms, rows[-1].reuse_ms = step_times(fast, x0, call0, setup)
@@ -185,7 +188,7 @@ def _site_paths(model: torch.nn.Module, x: torch.Tensor, kwargs: dict[str, Any],
         gm, _ = capture(model, x, timestep=t, **kwargs)
         sites = [s.module_path for s in locate(gm, module_paths(model)).sites]
     else:  # one graph per piece: ask a piecewise transform what it cached
-        fast = api.transform(model, ForaConfig(fullgraph=False, compiler="eager"))
+        fast = api.transform(model, ForaConfig(piecewise=Piecewise(), compiler="eager"))
         with torch.no_grad():
             fast(x, timestep=t, **kwargs)
         sites = [s.module_path for s in explain(fast).sites]

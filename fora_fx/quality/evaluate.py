@@ -171,9 +171,8 @@ def _methods(base: torch.nn.Module, setup: EvalSetup, steps: int,
     for n in setup.intervals if "fora" in setup.methods else ():
         fast = api.transform(base, interval=n, num_steps=steps,
                              compiler="inductor" if setup.compile else "eager")
-        stats = fast._fora_runtime.stats
-        methods.append(Method("fora", n, fast, None,
-                              functools.partial(lambda st: st.reuses / max(1, st.calls), stats)))
+        methods.append(Method("fora", n, fast, None, functools.partial(
+            lambda f: (st := api.stats(f)).reuses / max(1, st.calls), fast)))
     hooks = [kind for kind in ("taylorseer", "pab") if kind in setup.methods]
     sites = site_paths(base) if hooks else []
     for kind in hooks:
