@@ -5,10 +5,9 @@
 # appending its table to $OUT/bench.md.
 set -uo pipefail
 OUT="${OUT:-/tmp/fora_out}"; mkdir -p "$OUT"
-# fora_fx itself as an install lays it out (examples/gpu_src.sh): a checkout on PYTHONPATH
-# cannot import fora_fx.passes.
-SRC="${FORA_SRC:-/tmp/src}" WHEELS="${FORA_WHEELS:-.whl}"  # (tests/test_packaging.py sets them)
-bash "$(dirname "${BASH_SOURCE[0]}")/gpu_src.sh" "$SRC" || exit 1
+# fora_fx runs from this checkout as it is (it imports with nothing installed).
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WHEELS="${FORA_WHEELS:-.whl}"  # (tests/test_packaging.py sets it)
 if [ -d "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl || exit 1
@@ -16,9 +15,7 @@ if [ -d "$WHEELS" ]; then
 else
   export PYTHONPATH="$SRC:${PYTHONPATH:-}"
 fi
-# PYTHONSAFEPATH: `python3 -m` / `-c` would put the working directory, this checkout, first
-# on sys.path, ahead of /tmp/src.
-export TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
+export TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, fora_fx; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'fora_fx', fora_fx.__file__)" || exit 1
 bench() {  # bench SECONDS NAME ARGS...

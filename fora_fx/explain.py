@@ -29,6 +29,8 @@ class Explanation:
     cache_bytes: int = 0
     pruned: int = 0  # adaLN-style Linears narrowed to their live chunks (first graph's reuse)
     batched: dict[str, list[Batched]] = field(default_factory=dict)  # first graph's, by variant
+    passes: dict[str, dict[str, int]] = field(default_factory=dict)  # first graph's: what
+    # each pass of the rewrite changed, by variant
     graphs_compiled: int = 0  # one per input signature (shapes, dtypes, branch graphs)
     calls: int = 0  # model calls so far, and how many of them recomputed / reused
     refreshes: int = 0
@@ -62,6 +64,8 @@ class Explanation:
                 "cached around the module call (hook_sites: eager on refresh steps, outside "
                 f"the graphs): {_ranges(self.hooked)}"
             )
+        for variant, counts in self.passes.items():
+            lines.append(f"{variant} passes: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         if self.pruned:
             lines.append(f"reuse graph: {self.pruned} chunked Linear(s) narrowed to live chunks")
         for variant, runs in self.batched.items():
@@ -224,6 +228,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         graphs_compiled=len(pairs),
         pruned=pair.pruned,
         batched=pair.batched,
+        passes=pair.counts,
         cache_bytes=sum(s.cache_bytes for s in stats),
         calls=sum(s.calls for s in stats),
         refreshes=sum(s.refreshes for s in stats),

@@ -54,11 +54,10 @@ def test_wheel_layout_and_fresh_install(tmp_path):
 
 
 def test_gpu_setup_imports_fora_fx_with_nothing_installed(tmp_path):
-    """The GPU check runs in a carried checkout with nothing installed. There `python3 -c
-    "import fora_fx"` finds the checkout, which cannot import fora_fx.passes (pyproject maps
-    passes/ there); examples/gpu_setup.sh lays the package out as an install would
-    (examples/gpu_src.sh) and keeps the checkout off sys.path. Run here with `python -S`, so
-    that this venv's editable install (a .pth file) is not seen, and a fake nvidia-smi."""
+    """The GPU check runs in a carried checkout with nothing installed: the checkout itself
+    imports, fora_fx.passes included (passes/ sits beside fora_fx/). Run here with
+    `python -S`, so that this venv's editable install (a .pth file) is not seen, and a fake
+    nvidia-smi."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("python3", f'exec {sys.executable} -S "$@"'),
@@ -67,16 +66,19 @@ def test_gpu_setup_imports_fora_fx_with_nothing_installed(tmp_path):
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "PYTHONPATH": sysconfig.get_paths()["purelib"], "OUT": str(tmp_path / "out"),
-           "FORA_SRC": str(tmp_path / "src"), "FORA_WHEELS": str(tmp_path / "no-wheels")}
+           "FORA_WHEELS": str(tmp_path / "no-wheels")}
     env.pop("PYTHONSAFEPATH", None)
-    show = "python3 -c 'import fora_fx.bench.run, fora_fx; print(fora_fx.__file__)'"
+    show = ("cd / && python3 -c 'import fora_fx.bench.run, fora_fx, fora_fx.passes; "
+            "print(fora_fx.__file__, fora_fx.passes.__file__)'")
 
     def bash(script: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
 
-    plain = bash(show)  # the checkout as it is: the failure the setup avoids
-    assert plain.returncode != 0 and "No module named 'fora_fx.passes'" in plain.stderr
+    plain = bash(f"PYTHONPATH={ROOT}:$PYTHONPATH {show}")  # the checkout, no setup at all
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert plain.stdout.split() == [str(ROOT / "fora_fx" / "__init__.py"),
+                                    str(ROOT / "passes" / "__init__.py")]
     staged = bash(f"source examples/gpu_setup.sh && {show}")
     assert staged.returncode == 0, staged.stderr[-2000:]
-    assert staged.stdout.split()[-1] == str(tmp_path / "src" / "fora_fx" / "__init__.py")
+    assert staged.stdout.split()[-2] == str(ROOT / "fora_fx" / "__init__.py")
