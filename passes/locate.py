@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
@@ -40,6 +41,17 @@ from .patterns import (
 )
 from .regions import check_region
 from .sites import LocateResult, Refusal, Site
+
+
+@dataclass
+class Candidate:
+    """A module region that may become a site: what it is and the nodes that make it so."""
+
+    key: str  # the nn_module_stack key naming the module (or its frame / MLP projection)
+    kind: str  # "attn", "cross_attn", "mlp" or "parallel"
+    cores: set[Node]  # attention cores, MLP projections: every output must pass through one
+    region: set[Node]  # the nodes cached; all of the module's, or an inline MLP's
+    outputs: list[Node] = field(default_factory=list)  # once checked (passes/regions.py)
 
 
 class _Graph:
@@ -142,8 +154,7 @@ def locate(
                         if s.kind != "mlp" and (b := outer_block(s.module_path)) is not None}
     g = _Graph(gm, paths)
     result = LocateResult()
-    # key -> (kind, cores, region); the key is the nn_module_stack key naming the site
-    candidates: dict[str, tuple[str, set[Node], set[Node]]] = {}
+    candidates: dict[str, Candidate] = {}  # by key
 
     attn_cores = [n for n in g.nodes if is_attention_core(n)]
     for core in attn_cores:
@@ -159,8 +170,10 @@ def locate(
             if q_src and k_src and not (q_src & k_src):
                 kind = "cross_attn"
         prev = candidates.get(key)
-        cores = (prev[1] if prev else set()) | {core}
-        candidates[key] = (prev[0] if prev else kind, cores, region)
+        if prev is None:
+            candidates[key] = Candidate(key, kind, {core}, region)
+        else:
+            prev.cores.add(core)
 
     proj = Projections(find_adapted(g.nodes))  # LoRA-adapted Linears count as Linears
     if "parallel" in kinds:
@@ -171,14 +184,8 @@ def locate(
     # timestep and caption embedders do neither.
     stream = downstream(attn_cores)
     chains: dict[str, list[tuple[Node, set[Node], set[Node]]]] = {}  # key -> (l2, cores, nodes)
-    attn_inputs = {
-        a
-        for kind, _, region in candidates.values()
-        if kind != "mlp"
-        for n in region
-        for a in n.all_input_nodes
-        if a not in region
-    }
+    attn_inputs = {a for c in candidates.values() if c.kind != "mlp"
+                   for n in c.region for a in n.all_input_nodes if a not in c.region}
     for l2 in g.nodes:
         if not proj.is_projection(l2):
             continue
@@ -192,83 +199,75 @@ def locate(
         if not (all(l1 in stream for l1 in firsts) or proj.input(firsts[0]) in attn_inputs
                 or outer_block(g.path(key)) in attention_blocks):
             continue
-        if key in candidates and candidates[key][0] != "mlp":
+        prev = candidates.get(key)
+        if prev is not None and prev.kind != "mlp":
             result.refused.append(
                 Refusal(g.path(key), "mlp", "MLP fused with attention in one module")
             )
             continue
-        prev = candidates.get(key)
-        candidates[key] = ("mlp", (prev[1] if prev else set()) | {l2, *firsts},
-                           set(g.regions[key]))
+        if prev is None:
+            candidates[key] = Candidate(key, "mlp", {l2, *firsts}, set(g.regions[key]))
+        else:
+            prev.cores |= {l2, *firsts}
         chains.setdefault(key, []).append((l2, {l2, *firsts}, {l2, *firsts} | between))
 
     merged = _merge_mlps(g, candidates, set(attn_cores))
 
-    accepted: list[tuple[str, str, set[Node], list[Node]]] = []
-    for key, (kind, cores, region) in candidates.items():
-        if kind not in kinds:
+    accepted: list[Candidate] = []
+    for c in candidates.values():
+        if c.kind not in kinds:
             continue
-        if kind != "mlp":  # every token product of an attention is part of its core
-            cores = cores | {n for n in region if is_token_product(n)}
-        elif key not in merged and any(is_expert_projection(n) for n in cores):
-            result.refused.append(Refusal(g.path(key), kind, (
+        cores = c.cores
+        if c.kind != "mlp":  # every token product of an attention is part of its core
+            cores = cores | {n for n in c.region if is_token_product(n)}
+        elif c.key not in merged and any(is_expert_projection(n) for n in cores):
+            result.refused.append(Refusal(g.path(c.key), c.kind, (
                 "routed experts, cacheable only as the whole mixture-of-experts module "
                 "(the router picks other tokens every step), which cannot be cached")))
             continue
-        outputs, reason = check_region(g.nodes, g.order, region, cores, g.memory)
+        c.outputs, reason = check_region(g.nodes, g.order, c.region, cores, g.memory)
         if reason is None:
-            accepted.append((key, kind, region, outputs))
+            accepted.append(c)
             continue
-        inline = _inline_mlps(g, chains.get(key, []), region) if kind == "mlp" else []
+        inline = _inline_mlps(g, chains.get(c.key, []), c.region) if c.kind == "mlp" else []
         if inline:
             accepted += inline
         else:
-            result.refused.append(Refusal(g.path(key), kind, reason))
+            result.refused.append(Refusal(g.path(c.key), c.kind, reason))
 
     # Accepted regions never share nodes; should two overlap anyway, the first in graph
     # order is kept and the other refused, rather than caching one value twice.
-    accepted.sort(key=lambda c: g.order[c[3][0]])
-    kept: list[tuple[str, str, set[Node], list[Node]]] = []
-    for cand in accepted:
-        clash = [k for k in kept if k[2] & cand[2]]
-        if clash:
+    accepted.sort(key=lambda c: g.order[c.outputs[0]])
+    kept: list[Candidate] = []
+    for c in accepted:
+        clash = next((k for k in kept if k.region & c.region), None)
+        if clash is not None:
             result.refused.append(
-                Refusal(g.path(cand[0]), cand[1], f"overlaps site {g.path(clash[0][0])}")
-            )
-            continue
-        kept.append(cand)
+                Refusal(g.path(c.key), c.kind, f"overlaps site {g.path(clash.key)}"))
+        else:
+            kept.append(c)
 
     counters: dict[str, int] = {}
-    for key, kind, region, outputs in kept:
-        idx = counters.get(kind, 0)
-        counters[kind] = idx + 1
-        shapes, dtypes, nbytes = _site_meta(outputs)
-        result.sites.append(
-            Site(
-                name=f"{kind}_{idx}",
-                kind=kind,
-                module_path=g.path(key),
-                module_key=key,
-                nodes=frozenset(n.name for n in region),
-                outputs=tuple(n.name for n in outputs),
-                shapes=shapes,
-                dtypes=dtypes,
-                nbytes=nbytes,
-            )
-        )
+    for c in kept:
+        idx = counters.get(c.kind, 0)
+        counters[c.kind] = idx + 1
+        shapes, dtypes, nbytes = _site_meta(c.outputs)
+        result.sites.append(Site(
+            name=f"{c.kind}_{idx}", kind=c.kind, module_path=g.path(c.key), module_key=c.key,
+            nodes=frozenset(n.name for n in c.region),
+            outputs=tuple(n.name for n in c.outputs), shapes=shapes, dtypes=dtypes,
+            nbytes=nbytes))
     result.uncovered = uncovered_blocks(g.nodes, g.paths, result.sites, result.refused)
     result.uncached = uncached_compute(
-        g.nodes, g.paths, [region for _, _, region in candidates.values()],
+        g.nodes, g.paths, [c.region for c in candidates.values()],
         [r.module_path for r in result.refused] + result.uncovered,
         [s.module_path for s in result.sites],
-        () if any(kind != "mlp" for kind, _, _ in candidates.values()) else attention_blocks,
+        () if any(c.kind != "mlp" for c in candidates.values()) else attention_blocks,
         [s.module_path for s in earlier_sites])
     return result
 
 
-def _merge_mlps(
-    g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]], attn_cores: set[Node]
-) -> set[str]:
+def _merge_mlps(g: _Graph, candidates: dict[str, Candidate], attn_cores: set[Node]) -> set[str]:
     """MLPs whose parent module holds nothing but MLPs and what routes between them (a
     mixture of experts: NucleusMoE's `img_mlp` runs a router, its routed `experts` and a
     `shared_expert`) become one site, the parent: FORA caches the feed-forward's output per
@@ -278,30 +277,30 @@ def _merge_mlps(
     Returns the merged parents' keys."""
     merged: set[str] = set()
     parents: dict[str, list[str]] = {}
-    for key, (kind, _, region) in candidates.items():
-        if kind != "mlp":
+    for key, c in candidates.items():
+        if c.kind != "mlp":
             continue
-        stack = [k for k, _ in module_stack(next(iter(region)))]
+        stack = [k for k, _ in module_stack(next(iter(c.region)))]
         if key in stack and stack.index(key) > 0:
             parents.setdefault(stack[stack.index(key) - 1], []).append(key)
     for parent, children in parents.items():
         region = set(g.regions[parent])
         own = candidates.get(parent)  # experts computed inline in the parent
-        if (own is not None and own[0] != "mlp") or region & attn_cores:
+        if (own is not None and own.kind != "mlp") or region & attn_cores:
             continue
-        cores = set().union(*(candidates[c][1] for c in children), own[1] if own else ())
+        cores = set().union(*(candidates[c].cores for c in children), own.cores if own else ())
         if check_region(g.nodes, g.order, region, cores, g.memory)[1] is not None:
             continue
         for c in children:
             del candidates[c]
-        candidates[parent] = ("mlp", cores, region)
+        candidates[parent] = Candidate(parent, "mlp", cores, region)
         merged.add(parent)
     return merged
 
 
 def _inline_mlps(
     g: _Graph, chains: list[tuple[Node, set[Node], set[Node]]], region: set[Node]
-) -> list[tuple[str, str, set[Node], list[Node]]]:
+) -> list[Candidate]:
     """MLPs computed inline in a block (PRX: `down_proj(act(gate_proj(x)) * up_proj(x))` in
     the block's forward, hand-written DiT blocks calling `fc2(gelu(fc1(x)))`): when the
     smallest module holding an MLP's projections is more than the MLP and cannot be cached,
@@ -315,13 +314,11 @@ def _inline_mlps(
         outputs, reason = check_region(g.nodes, g.order, nodes, cores, g.memory)
         if reason is not None:
             return []
-        found.append((key, "mlp", nodes, outputs))
+        found.append(Candidate(key, "mlp", cores, nodes, outputs))
     return found
 
 
-def _add_parallel_blocks(
-    g: _Graph, candidates: dict[str, tuple[str, set[Node], set[Node]]], proj: Projections
-) -> None:
+def _add_parallel_blocks(g: _Graph, candidates: dict[str, Candidate], proj: Projections) -> None:
     """Merges an attention and the MLP that shares its output projection into one site.
 
     Flux: the MLP half sits in the block, beside the attention module, whose output leaves
@@ -329,12 +326,10 @@ def _add_parallel_blocks(
     module, whose core is reached from `to_out` through views; that module is the site.
     """
     attn_ends: dict[Node, str] = {}
-    for key, (kind, cores, region) in candidates.items():
-        if kind == "attn":
-            attn_ends.update(dict.fromkeys(cores, key))
-            for n in region:
-                if any(u not in region for u in n.users):
-                    attn_ends[n] = key
+    for key, c in candidates.items():
+        if c.kind == "attn":
+            attn_ends.update(dict.fromkeys(c.cores, key))
+            attn_ends.update({n: key for n in c.region if any(u not in c.region for u in n.users)})
     for l2 in g.nodes:
         if not proj.is_linear(l2):
             continue
@@ -349,5 +344,5 @@ def _add_parallel_blocks(
         block = g.lca_key(l1, l2) or g.frame_key(l2)
         if block is None or attn_key not in candidates:
             continue
-        _, cores, attn_region = candidates.pop(attn_key)
-        candidates[block] = ("parallel", cores | {l1, l2}, attn_region | chain)
+        attn = candidates.pop(attn_key)
+        candidates[block] = Candidate(block, "parallel", attn.cores | {l1, l2}, attn.region | chain)

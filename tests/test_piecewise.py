@@ -217,7 +217,7 @@ def test_hook_sites_cache_a_module_dynamo_cannot_capture():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"call {k}")
     explanation = fora_fx.explain(fast)
     assert explanation.uncached == ["blocks.0.mlp", "blocks.1.mlp"]  # per block
-    assert "can be cached around its call: ForaConfig(hook_sites=" in str(explanation)
+    assert "can be cached around its call: fora_fx.Piecewise(hook_sites=" in str(explanation)
     fora_fx.restore(fast)
     torch._dynamo.reset()
     # Named in hook_sites, the MLPs are cached too: what the paper's hooks compute.
