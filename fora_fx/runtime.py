@@ -19,7 +19,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import stacks
+from . import parallel, stacks
 from .compile import CompiledPair
 from .config import ForaConfig
 from .fastpath import DirectCall, FastPath, Record
@@ -202,6 +202,7 @@ class Runtime:
 
     def _through_dynamo(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         assert self.compiled is not None
+        parallel.prepare(self.model)  # diffusers' context-parallel hooks, traceable
         try:
             try:
                 return self.compiled(*args, **kwargs)
@@ -252,6 +253,9 @@ class Runtime:
                 buffers = branch.buffers[pair] = [s.allocate() for s in pair.specs]
             # A graph other than the owner (new shape / dtype / device) has no valid cache.
             refresh = self.config.refreshes(step, num_steps) or branch.owner is not pair
+            if self.model is not None:  # CP ranks must agree (no-op without CP)
+                parallel.check(self.model, self.config, branch.name, step, num_steps, refresh,
+                               self.stats.calls)
             if refresh:
                 branch.owner = None  # a refresh that raises half-way leaves no valid cache
                 out = pair.refresh(*args, *buffers, *self._stack_inputs(pair, "refresh", args))

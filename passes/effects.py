@@ -77,6 +77,25 @@ def is_local_assert(node: Node, region: set[Node]) -> bool:
     )
 
 
+def _functional_collective(target: object) -> bool:
+    op = getattr(target, "default", target)  # Dynamo records the packet, AOT the overload
+    return getattr(op, "namespace", None) == "_c10d_functional"
+
+
+def is_local_wait(node: Node, region: set[Node]) -> bool:
+    """The wait of a functional collective issued inside `region` (diffusers' context
+    parallelism: Ulysses' all-to-alls around an attention core). FX counts `wait_tensor` as
+    a side effect so that DCE keeps it while its collective is in flight; the collective and
+    its wait are one exchange of the region's own values and go with the region on a reuse
+    step. Every rank must then skip the same exchanges: all ranks run the same variant
+    (fora_fx/parallel.py checks it before every run)."""
+    return (node.op == "call_function" and _functional_collective(node.target)
+            and getattr(getattr(node.target, "default", node.target), "_opname", None)
+            == "wait_tensor"
+            and all(a in region and _functional_collective(a.target)
+                    for a in node.all_input_nodes))
+
+
 def _is_size(node: Node) -> bool:
     return isinstance(node.meta.get("example_value"), (torch.SymInt, torch.SymBool))
 
@@ -295,5 +314,6 @@ __all__ = [
     "eliminate_dead_code",
     "has_effect",
     "is_local_assert",
+    "is_local_wait",
     "writes",
 ]

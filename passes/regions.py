@@ -20,7 +20,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from .effects import Memory, data_inputs, is_local_assert
+from .effects import Memory, data_inputs, is_local_assert, is_local_wait
 from .patterns import is_parameter
 
 
@@ -53,7 +53,7 @@ def check_region(
                 return outputs, f"output {earliest.name} is written in place by {n.name}"
         if targets:
             writes[n] = targets
-        elif n.is_impure() and not is_local_assert(n, region):
+        elif n.is_impure() and not (is_local_assert(n, region) or is_local_wait(n, region)):
             return outputs, f"node {n.name} has side effects"
         if any(memory.storages.get(a, frozenset()) & memory.unexplained
                for a in (n, *n.all_input_nodes)):
