@@ -17,8 +17,8 @@ if _util.find_spec(__name__ + ".passes") is None:
     _spec = _util.spec_from_file_location(__name__ + ".passes", _os.path.join(
         _root, "__init__.py"), submodule_search_locations=[_root])
     if _spec is not None and _spec.loader is not None:
-        _sys.modules[_spec.name] = _module = _util.module_from_spec(_spec)
-        _spec.loader.exec_module(_module)
+        _sys.modules[_spec.name] = passes = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(passes)
 
 from . import ops, tuning  # noqa: E402 - ops registers the fora:: ops before any pass runs
 from .api import ForaModule, reset, restore, stats, transform  # noqa: E402

@@ -75,7 +75,7 @@ def test_gpu_setup_imports_fora_fx_with_nothing_installed(tmp_path):
         return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
 
-    plain = bash(f"PYTHONPATH={ROOT}:$PYTHONPATH {show}")  # the checkout, no setup at all
+    plain = bash(f"export PYTHONPATH={ROOT}:$PYTHONPATH; {show}")  # the checkout, no setup
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.stdout.split() == [str(ROOT / "fora_fx" / "__init__.py"),
                                     str(ROOT / "passes" / "__init__.py")]
