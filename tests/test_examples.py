@@ -40,6 +40,10 @@ def test_digits_main_job_quick(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "interval=1 reproduces the baseline" in proc.stdout
+    # through a pipe, no progress bar draws (one run for this and the job's results)
+    for stream in (proc.stdout, proc.stderr):
+        assert "\r" not in stream and "it/s" not in stream and "run/s" not in stream
+    assert "compiling:" not in proc.stderr and "sampling:" not in proc.stderr
     row = re.search(r"^fora N=3 +([\d.]+)x +(\d+)% +([\d.]+)-([\d.]+) ", proc.stdout, flags=re.M)
     assert row and int(row.group(2)) == 60  # 10 steps: 0, 3, 6, 9 recompute
     assert float(row.group(3)) <= float(row.group(1)) <= float(row.group(4))  # median in range

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fora_fx.passes import GraphInvariantError, locate, pipeline, rewrite
 from zoo import make, run_steps
 
 import fora_fx
 from fora_fx import ops
 from fora_fx.capture import capture, module_paths
-from fora_fx.passes import GraphInvariantError, locate, pipeline, rewrite
 
 
 def _dit():
