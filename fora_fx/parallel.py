@@ -63,7 +63,7 @@ def prepare(model: Any) -> None:
         for hook in getattr(registry, "hooks", {}).values():
             meta = getattr(hook, "module_forward_metadata", None)
             cls = getattr(meta, "_cls", None)
-            if cls is not None and meta.cached_parameter_indices is None:
+            if meta is not None and cls is not None and meta.cached_parameter_indices is None:
                 # diffusers/hooks/context_parallel.py, ModuleForwardMetadata: the forward's
                 # parameters after `self`, by position
                 names = list(inspect.signature(cls.forward).parameters)[1:]
