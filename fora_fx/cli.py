@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true",
                        help="tiny model, 6 steps, 3 repeats, intervals 2,3: a CI smoke run")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--context-parallel", type=int, default=None, metavar="N",
+                       help="shard a Wan model over N ranks (diffusers' Ulysses), under "
+                       "torchrun --nproc-per-node N (docs/parallel.md)")
     ev = sub.add_parser("eval", help="FORA's sample quality on the digits DiT vs its peers")
     ev.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     ev.add_argument("--out", default="fora_eval", help="folder for quality.md and the PNGs")
@@ -79,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     setup.compiled_peers = not args.no_compiled_peers
     setup.peers = not args.no_peers
     setup.profile = args.profile
+
+    if args.context_parallel is not None:
+        from .bench.parallel import check_launch, run_cp
+
+        if args.model is None:  # the default DiT has no context-parallel plan
+            setup.model = "tiny-wan" if args.quick else "wan-1.3b"
+        why = check_launch(args.context_parallel, setup.model)
+        if why is not None:
+            parser.error(why)
+        table = run_cp(setup, args.context_parallel)
+        if os.environ.get("RANK", "0") == "0":
+            print(table)
+        return 0
 
     def checkpoint(rows: list) -> None:
         if args.json:  # after every row: a run cut off by a time limit keeps what it measured
