@@ -16,3 +16,14 @@ bench 170 dit_b16 --model dit-xl-2 --batch 8 --steps 50 --repeats 3 --intervals 
   --no-peers --no-ablation
 bench 120 pixart_b2 --model pixart-512 --batch 1 --steps 50 --repeats 3 --intervals 3,6 \
   --no-peers --no-ablation
+# Context parallelism (docs/parallel.md): small-wan sharded over every GPU with Ulysses, compiled
+# uncached against FORA N=3 (the CP bench writes no JSON: its table goes to bench.md). One GPU
+# cannot shard: skipped, said in bench.md.
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$ngpu" -ge 2 ]; then
+  timeout 150 torchrun --nproc-per-node "$ngpu" -m fora_fx.cli bench --model small-wan \
+    --context-parallel "$ngpu" --steps 20 --repeats 3 --intervals 3 \
+    2> >(tee "$OUT/cp.log" >&2) | tee -a "$OUT/bench.md"
+else
+  echo "context-parallel bench skipped: needs >= 2 GPUs, this machine has $ngpu" | tee -a "$OUT/bench.md"
+fi
