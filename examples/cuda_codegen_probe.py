@@ -85,8 +85,8 @@ def capture_graphs(setup: Setup, limit: int | None,
             raise _Captured
         return gm
 
-    fast = fora_fx.transform(model, fora_fx.ForaConfig(
-        interval=3, reuse_fusion_limit=limit, batch_blocks=batch_blocks))
+    with fora_fx.tuning.patch(reuse_fusion_limit=limit, batch_blocks=batch_blocks):
+        fast = fora_fx.transform(model, interval=3)
     for fn in (torch.compile(model, backend=plain, fullgraph=True, dynamic=False), fast):
         backend.compile_variant = record
         try:

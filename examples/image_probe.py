@@ -11,9 +11,9 @@ same way ride along (Stable Audio, the SANA-WM world model). Each model is trans
 interval=3 and the probe prints: the refresh step's deviation from the plain model (must be
 exactly 0), how far the reuse step moved, and `fora_fx.explain` (cached sites, and every
 refused candidate with its reason). The image counterpart of examples/video_probe.py. Models
-whose own code breaks Dynamo's graph run piecewise (PIECEWISE: fullgraph=False). Exits 1 if a
-refresh step is not exact, a run of repeated blocks holds no cache site, or a model fails
-other than as expected (EXPECTED_FAILURES).
+whose own code breaks Dynamo's graph run piecewise (PIECEWISE: piecewise=fora_fx.Piecewise()).
+Exits 1 if a refresh step is not exact, a run of repeated blocks holds no cache site, or a
+model fails other than as expected (EXPECTED_FAILURES).
 """
 
 from __future__ import annotations
@@ -816,7 +816,7 @@ def pixart_sigma():
 # Each entry fails for a reason outside fora_fx: Dynamo cannot capture the model's own code in
 # one graph (fora_fx raises Dynamo's error, as it should), or the model is not a DiT.
 # Dynamo cannot capture these models in one graph: their own code breaks it. They run with
-# fullgraph=False (each captured graph's sites cached) and must pass like the rest.
+# piecewise=fora_fx.Piecewise() (each captured graph's sites cached) and must pass like the rest.
 PIECEWISE = {
     # ByT5 tokens reordered by boolean masks: data-dependent sizes (transformer_hunyuanimage.py:818)
     "hunyuan_image",
@@ -834,8 +834,8 @@ PIECEWISE = {
 }
 
 # More ForaConfig fields. HiDream's MoE feed-forward (`ff_i` of every block) cannot be
-# captured: named in hook_sites it is cached around its call, as the paper's hooks do.
-OPTIONS = {"hidream_hooked": {"hook_sites": ("*.ff_i",)}}
+# captured: named in Piecewise.hook_sites it is cached around its call, as the paper's hooks do.
+OPTIONS = {"hidream_hooked": {"hook_sites": ("*.ff_i",)}}  # Piecewise options
 
 EXPECTED_FAILURES = {
     # a UNet, not a DiT: exact, but explain lists its mid-block conv resnets as uncovered blocks

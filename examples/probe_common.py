@@ -79,7 +79,7 @@ def registry() -> tuple[dict[str, Case], Callable[[Case], Case]]:
 
 def run(cases: dict[str, Case], name: str, piecewise: bool = False,
         options: Mapping[str, Any] | None = None) -> bool:
-    print(f"\n########## {name}" + ("   (piecewise: fullgraph=False)" if piecewise else "")
+    print(f"\n########## {name}" + ("   (piecewise=fora_fx.Piecewise())" if piecewise else "")
           + (f"   {dict(options)}" if options else ""))
     try:
         m, kw = cases[name]()
@@ -99,8 +99,8 @@ def run(cases: dict[str, Case], name: str, piecewise: bool = False,
         print("PLAIN MODEL FAILED:", type(e).__name__, str(e)[:2000])
         traceback.print_exc(limit=6)
         return False
-    fast = fora_fx.transform(m, interval=3, compiler="eager", fullgraph=not piecewise,
-                             **(options or {}))
+    fast = fora_fx.transform(m, interval=3, compiler="eager", piecewise=fora_fx.Piecewise(
+        **(options or {})) if piecewise else None)
     try:
         with torch.no_grad():
             out0 = first(fast(**kw0))
@@ -130,7 +130,8 @@ def main(
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Runs the cases named on the command line (default: all). `piecewise`: models Dynamo
-    cannot capture in one graph; they run with fullgraph=False and must pass like the rest.
+    cannot capture in one graph; they run with piecewise=fora_fx.Piecewise() and must pass like
+    the rest.
     `options`: more ForaConfig fields for some cases."""
     names = sys.argv[1:] or list(cases)
     unknown = [n for n in names if n not in cases]

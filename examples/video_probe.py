@@ -10,7 +10,7 @@ deviation from the plain model (must be exactly 0), how far the reuse step moved
 The models with tests against the eager FORA reference are in tests/zoo_video.py; this is
 the wider, one-step survey behind docs/video.md. Exits 1 if a refresh step is not exact, a
 run of repeated blocks holds no site, or a model fails; PIECEWISE models run with
-fullgraph=False.
+piecewise=fora_fx.Piecewise().
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def anyflow():
 
 
 # Dynamo cannot capture the model in one graph (docs/video.md): under the default
-# fullgraph=True fora_fx raises; with fullgraph=False it is cached piecewise.
+# one graph fora_fx raises; with piecewise=fora_fx.Piecewise() it is cached piecewise.
 PIECEWISE = {"hunyuan_video15"}
 EXPECTED_FAILURES: set[str] = set()
 

@@ -13,7 +13,7 @@ import torch
 from . import piecewise, tuning
 from .backend import backend
 from .capture import module_paths
-from .config import ForaConfig, check_options
+from .config import ForaConfig
 from .pipelines import is_pipeline, restore_pipeline, transform_pipeline, wrapped
 from .runtime import Runtime, Stats, runtimes_of
 from .steps import PipelineSteps
@@ -169,7 +169,7 @@ def transform(
     if isinstance(config, int) and not isinstance(config, bool):
         config = ForaConfig(interval=config)
     if config is None:
-        config = ForaConfig(**check_options(options))
+        config = ForaConfig(**options)
     elif not isinstance(config, ForaConfig):
         raise TypeError(
             f"fora_fx.transform: config must be a ForaConfig or an int interval, got {config!r}"

@@ -100,7 +100,7 @@ class ForaConfig:
     piecewise: Piecewise | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForaConfig:
-        check_options(kwargs)  # a moved option's error names its new home
+        check_options(kwargs, cls)  # a moved option's error names its new home
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
@@ -150,20 +150,20 @@ class ForaConfig:
         return next((p for p in self.exclude if fnmatch.fnmatchcase(module_path, p)), None)
 
     def replace(self, **changes: Any) -> ForaConfig:
-        return dataclasses.replace(self, **check_options(changes))
+        return dataclasses.replace(self, **check_options(changes, type(self)))
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> ForaConfig:
         """Builds a config from torch.compile's `options=` dict (or `mode=`)."""
-        options = check_options(dict(options or {}))
+        options = check_options(dict(options or {}), cls)
         if mode is not None:
             options.setdefault("mode", mode)
         return cls(**options)
 
 
-def check_options(options: dict[str, Any]) -> dict[str, Any]:
+def check_options(options: dict[str, Any], cls: type = ForaConfig) -> dict[str, Any]:
     """Refuses unknown option names, saying where a moved one lives now."""
-    known = {f.name for f in dataclasses.fields(ForaConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     for name in options:
         if name in MOVED:
             raise TypeError(f"ForaConfig has no option {name!r}; use {MOVED[name]}")

@@ -231,9 +231,9 @@ class Runtime:
                 "branch on a tensor's value) before FORA can cache this model as one graph; "
                 "or transform it with piecewise=fora_fx.Piecewise() to cache the sites of "
                 "the graphs Dynamo does capture (slower per step: Python between the "
-                "graphs). If that line runs on the first call only (a table built lazily, as Bria FIBO 2's "
-                "rotary embedder does), call the untransformed model once before transforming "
-                "it."
+                "graphs). If that line runs on the first call only (a table built lazily, as "
+                "Bria FIBO 2's rotary embedder does), call the untransformed model once before "
+                "transforming it."
             ) from e
 
     # -- a graph run -----------------------------------------------------------------------

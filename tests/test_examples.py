@@ -80,14 +80,14 @@ def test_pipeline_examples_run_for_every_family():
 
 def test_video_probe_runs_a_model_whole_and_one_piecewise():
     # skyreels_v2 is captured in one graph; hunyuan_video15 breaks Dynamo's graph in its own
-    # code and runs with fullgraph=False.
+    # code and runs with piecewise=fora_fx.Piecewise().
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "video_probe.py"),
                            "skyreels_v2", "hunyuan_video15"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("step0 max|fast-ref| = 0.000e+00   (exact: True)") == 2
     assert "6 cached sites" in proc.stdout
-    assert "hunyuan_video15   (piecewise: fullgraph=False)" in proc.stdout
+    assert "hunyuan_video15   (piecewise=fora_fx.Piecewise())" in proc.stdout
     assert proc.stdout.strip().endswith("OK")
 
 
