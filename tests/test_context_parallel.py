@@ -100,3 +100,17 @@ def test_docs_example_is_what_the_worker_runs() -> None:
     assert 'exec(EXAMPLE.group(1), example)' in worker and "shard_and_cache(" in worker
     assert "exec'd verbatim by tests/cp_worker.py" in docs
     assert "def shard_and_cache(" in docs
+
+
+def test_bench_context_parallel_refuses_outside_torchrun(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from fora_fx.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        main(["bench", "--context-parallel", "2"])
+    assert "runs under torchrun: torchrun --nproc-per-node 2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["bench", "--context-parallel", "2", "--model", "tiny"])  # a DiT: no _cp_plan
+    assert "has no context-parallel plan" in capsys.readouterr().err
