@@ -90,7 +90,7 @@ def test_ranks_at_different_steps_raise_on_both(lines: list[dict]) -> None:
 def test_a_rank_whose_peers_never_come_raises_instead_of_hanging(lines: list[dict]) -> None:
     by_rank = {x["rank"]: x for x in _case(lines, "drift_extra_call")}
     assert by_rank[0]["raised"] is None  # rank 0 made no extra call
-    assert "waited 3 s" in by_rank[1]["raised"] and 2.5 <= by_rank[1]["waited"] < 30
+    assert "waited 10 s" in by_rank[1]["raised"] and 9.5 <= by_rank[1]["waited"] < 40
     assert by_rank[1]["step"] == 1  # the call that raised did not advance the step
 
 
