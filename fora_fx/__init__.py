@@ -23,10 +23,12 @@ if _util.find_spec(__name__ + ".passes") is None:
 from . import ops, tuning  # noqa: E402 - ops registers the fora:: ops before any pass runs
 from .api import ForaModule, reset, restore, stats, transform  # noqa: E402
 from .backend import ForaBackend, backend, fora_backend, register  # noqa: E402
+from .calibrate import calibrate  # noqa: E402
 from .capture import capture  # noqa: E402
 from .config import ForaConfig, Piecewise  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
 from .runtime import NoSitesError, Stats  # noqa: E402
+from .schedule import Schedule  # noqa: E402
 
 register()
 
@@ -37,8 +39,10 @@ __all__ = [
     "ForaModule",
     "NoSitesError",
     "Piecewise",
+    "Schedule",
     "Stats",
     "backend",
+    "calibrate",
     "capture",
     "explain",
     "fora_backend",

@@ -132,7 +132,8 @@ class ForaModule(torch.nn.Module):
 
     def __repr__(self) -> str:
         c, model = self._fora.config, self._fora.model
-        return f"ForaModule(interval={c.interval}, compiler={c.compiler!r},\n  {model!r})"
+        rule = f"interval={c.interval}" if c.schedule is None else f"schedule={c.schedule!r}"
+        return f"ForaModule({rule}, compiler={c.compiler!r},\n  {model!r})"
 
 
 def _delegate(name: str, chained: bool) -> Any:

@@ -11,6 +11,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from .schedule import Schedule
+
 SITE_KINDS = ("attn", "cross_attn", "mlp", "parallel")
 COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -87,6 +89,12 @@ class ForaConfig:
     piecewise:     None: the forward must be one graph (a graph break raises, naming
                    Dynamo's reason). `Piecewise(...)`: cache what Dynamo captures around its
                    graph breaks (see Piecewise).
+    schedule:      None: the interval rule above. `Schedule({20: (0, 1, 4, 9, 15, 19)})`: the
+                   full steps listed per generation length (`fora_fx.calibrate` measures
+                   one); interval / warmup_steps / refresh_last then do not apply and are
+                   refused if set. The generation length is the pipeline scheduler's, or
+                   num_steps for a model; a length the schedule lacks raises at that
+                   generation's first call.
     """
 
     interval: int = 3
@@ -98,6 +106,7 @@ class ForaConfig:
     compiler: str = "inductor"
     mode: str | None = None
     piecewise: Piecewise | None = None
+    schedule: Schedule | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForaConfig:
         check_options(kwargs, cls)  # a moved option's error names its new home
@@ -134,12 +143,41 @@ class ForaConfig:
                 f"ForaConfig.piecewise must be None or fora_fx.Piecewise(...), got "
                 f"{self.piecewise!r}"
             )
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.schedule is None:
+            return
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"ForaConfig.schedule must be None or fora_fx.Schedule({{length: "
+                            f"full steps}}), got {self.schedule!r}")
+        # A schedule lists every full step: the interval rule's options cannot apply beside
+        # it. Set to a non-default value, they are refused by name rather than ignored (the
+        # defaults cannot be told from unset ones, and they mean nothing with a schedule).
+        defaults = {f.name: f.default for f in dataclasses.fields(ForaConfig)}
+        ignored = [f"{name}={getattr(self, name)!r}"
+                   for name in ("interval", "warmup_steps", "refresh_last")
+                   if getattr(self, name) != defaults[name]]
+        if ignored:
+            raise ValueError(
+                f"ForaConfig: {', '.join(ignored)} cannot apply with a schedule, which lists "
+                "every full step (step 0 included); drop them, or put the steps in the "
+                "Schedule")
+        if self.num_steps is not None and self.num_steps not in self.schedule.full:
+            raise ValueError(
+                f"ForaConfig.num_steps={self.num_steps}, but the schedule has full steps for "
+                f"generations of {', '.join(map(str, self.schedule.full))} steps only")
 
     def refreshes(self, step: int, num_steps: int | None = None) -> bool:
         """True iff step `step` (0-based, within a generation) recomputes every site.
 
         `num_steps` overrides the configured one (a pipeline's scheduler knows it per call).
+        With a schedule, the steps it lists for that generation length (a length it lacks, or
+        none known, raises: no silent fallback to the interval rule).
         """
+        if self.schedule is not None:
+            n = self.num_steps if num_steps is None else num_steps
+            return step in self.schedule.full_set(n)
         if step < self.warmup_steps or step % self.interval == 0:
             return True
         n = self.num_steps if num_steps is None else num_steps

@@ -11,6 +11,7 @@ from .api import ForaModule, reset, runtimes
 from .compile import CompiledPair
 from .passes import Batched, Refusal, Site, outer_block, path_order
 from .runtime import Runtime
+from .schedule import Schedule
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Explanation:
     unguarded: int = 0  # calls that skipped Dynamo's guards (tuning.fast_calls) ...
     direct: int = 0  # ... and of those, its frame (fora_fx/fastpath.py)
     frame_effects: bool | None = None  # the first graph's frame has Python side effects
+    schedule: Schedule | None = None  # ForaConfig.schedule: the listed full steps
     graphs: dict[str, str] = field(default_factory=dict)  # "refresh"/"reuse" -> Python code
     show_graphs: bool = False
 
@@ -49,6 +51,8 @@ class Explanation:
             f"{self.refreshes} recomputed, {self.reuses} reused; {self.unguarded} skipped "
             f"Dynamo's guards, {self.direct} of them its frame too"
         ]
+        if self.schedule is not None:
+            lines.append(f"schedule: {self.schedule}")
         if self.frame_effects:
             lines.append("Dynamo's frame has Python side effects: every call is guarded")
         w = max((len(s.module_path) for s in self.sites), default=10)
@@ -236,6 +240,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         unguarded=sum(s.unguarded for s in stats),
         direct=sum(s.direct for s in stats),
         frame_effects=pair.frame_effects,
+        schedule=next((rt.config.schedule for rt in runtimes(obj)), None),
         graphs={k: readable(g.code) for k, g in pair.graphs.items()},
         show_graphs=graph,
     )
