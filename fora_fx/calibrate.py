@@ -87,10 +87,11 @@ def _site_paths(target: Any, models: list[torch.nn.Module], run: Callable[[Any],
                            num_steps=None, compiler="eager", mode=None)
     fast = transform(model, probe)
     try:
-        sites = explain(fast, *args, **kwargs).sites
+        found = explain(fast, *args, **kwargs)
     finally:
-        restore(fast)
-    return [s.module_path for s in sites]
+        restore(fast)  # also takes piecewise hook-site wrappers off the model
+    # Piecewise hook sites are cached around their module call: measured the same way.
+    return [s.module_path for s in found.sites] + found.hooked
 
 
 def _norm2(tensors: list[torch.Tensor]) -> torch.Tensor:

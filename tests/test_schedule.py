@@ -221,6 +221,15 @@ def test_calibrate_picks_the_steps_where_the_sites_change():
     assert no_hooks(model)
 
 
+def test_calibrate_restores_a_piecewise_model():
+    ts = [1.0] * 3 + [2.0] * 4 + [3.0] * 3
+    model = toy.Toy()
+    # attn excluded: only the hook site (outside the graph) is measured
+    cfg = EAGER.replace(piecewise=fora_fx.Piecewise(hook_sites=("mlp",)), exclude=("attn",))
+    assert fora_fx.calibrate(model, _toy_run(ts), budget=3, config=cfg).full == {10: (0, 3, 7)}
+    assert "forward" not in vars(model.mlp) and no_hooks(model)  # the hook site unwrapped
+
+
 def test_calibrate_a_zoo_model():
     case = make("dit")
     model = case.model
@@ -263,6 +272,17 @@ def test_calibrate_a_pipeline_numbers_steps_by_its_scheduler():
     fora_fx.restore(pipe)
     with pytest.raises(TypeError, match=r"measures the untransformed model"):
         fora_fx.calibrate(fora_fx.transform(toy.Toy(), EAGER), _toy_run(ts), budget=2)
+
+
+def test_calibrate_two_experts_full_where_the_second_starts():
+    # Wan 2.2: transformer_2 from step 3 on; its sites have no previous output at step 3
+    # (NaN: unmeasured), and the runtime recomputes there anyway: a forced full step.
+    pipe = fakepipe.Pipe(boundary=3)
+    s = fora_fx.calibrate(pipe, lambda p: p([1.0] * 6), budget=2, config=EAGER)
+    assert s.full == {6: (0, 3)} and math.isnan(s.changes[6][3])
+    assert s.changes[6][1:3] + s.changes[6][4:] == (0.0,) * 4
+    with pytest.raises(ValueError, match=r"steps \[0, 3\] must be full"):
+        fora_fx.calibrate(pipe, lambda p: p([1.0] * 6), budget=1, config=EAGER)
 
 
 def test_docs_example_runs():
