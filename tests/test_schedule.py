@@ -129,6 +129,15 @@ def test_model_without_a_generation_length_is_refused_at_its_first_call():
         fast(*toy.inputs(1.0))
 
 
+def test_backend_by_name_takes_a_schedule():
+    model = toy.Toy()
+    options = {"schedule": fora_fx.Schedule({4: (0, 2)}), "num_steps": 4, "compiler": "eager"}
+    compiled = torch.compile(model, backend="fora", options=options)
+    out = [compiled(*toy.inputs(t)).item() for t in (1.0, 2.0, 3.0, 4.0)]
+    assert out == [toy.recomputed(1), toy.reused(2, 1), toy.recomputed(3), toy.reused(4, 3)]
+    assert fora_fx.stats(compiled).history == [True, False, True, False]
+
+
 def test_pipeline_uses_the_schedulers_length():
     pipe = fakepipe.Pipe()
     s = fora_fx.Schedule({5: (0, 3), 4: (0, 1)})
