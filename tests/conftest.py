@@ -22,9 +22,6 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (tests/run.sh): one thread
-    torch.set_num_threads(1)  # each, not two workers' two threads fighting over two cores
-
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

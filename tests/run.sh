@@ -7,9 +7,10 @@ source "$ROOT/.ci/bootstrap.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy" fora_fx/
-# Two workers (pytest-xdist), one per core: most of a test's time is Dynamo tracing and
-# Inductor compiling, single-threaded Python. A file stays on one worker (--dist loadfile):
-# the fuzzer's coverage check reads what the file's earlier tests generated. Idle OpenMP
-# threads sleep instead of spinning on the core the other worker needs.
+# Two workers (pytest-xdist), one per core: much of a test's time is Dynamo tracing and
+# Inductor compiling, single-threaded Python. Tests are dealt one by one (--dist loadgroup),
+# but a file whose tests share state (a module fixture, the fuzzer's feature counts) is an
+# xdist_group and stays on one worker. Idle OpenMP threads sleep instead of spinning on the
+# core the other worker needs.
 export OMP_WAIT_POLICY=PASSIVE
-"$PY" -m pytest -p no:cacheprovider -n "${FORA_TEST_WORKERS:-2}" --dist loadfile "$@"
+"$PY" -m pytest -p no:cacheprovider -n "${FORA_TEST_WORKERS:-2}" --dist loadgroup "$@"

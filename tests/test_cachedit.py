@@ -15,6 +15,9 @@ from fora_fx.quality.evaluate import sample  # noqa: E402
 from fora_fx.quality.metrics import psnr  # noqa: E402
 from fora_fx.quality.model import load_trained  # noqa: E402
 
+# One worker for all of this file (tests/run.sh): its tests share state.
+pytestmark = pytest.mark.xdist_group("cachedit")
+
 STEPS, BATCH, CFG, SEED = 10, 8, 2.0, 0
 LABELS = torch.arange(BATCH) % 10
 

@@ -15,6 +15,9 @@ import sys
 import pytest
 import torch
 
+# One worker for all of this file (tests/run.sh): its tests share state.
+pytestmark = pytest.mark.xdist_group("context_parallel")
+
 HERE = pathlib.Path(__file__).resolve().parent
 TOL = 1e-5  # float32; Ulysses moves whole heads, Flux's joint attention reorders a sum (2e-7)
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from fuzz_models import POS, ROPE, TABLE, FuzzDiT, Recipe, inputs, recipes
 from hypothesis import given, settings
 from reference import EagerFora
 
 import fora_fx
+
+# One worker for all of this file (tests/run.sh): its tests share state.
+pytestmark = pytest.mark.xdist_group("fuzz")
 
 SEEN: Counter[str] = Counter()
 STEPS = 4

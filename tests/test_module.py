@@ -9,6 +9,9 @@ from zoo import make, output_tensor
 
 import fora_fx
 
+# One worker for all of this file (tests/run.sh): its tests share state.
+pytestmark = pytest.mark.xdist_group("module")
+
 
 @pytest.fixture(scope="module")
 def dit():

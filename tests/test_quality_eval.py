@@ -10,10 +10,7 @@ from fora_fx import cli, peers_cachedit
 def test_eval_quick_writes_table_plot_and_grid(tmp_path, capsys):
     out = tmp_path / "eval"
     path = tmp_path / "eval.json"
-    # eager models: the eval's own logic is what is tested here; FORA on this model through
-    # Inductor is the digits main job's (tests/test_examples.py), so one compile serves both
-    assert cli.main(["eval", "--quick", "--no-compile", "--json", str(path), "--out",
-                     str(out)]) == 0
+    assert cli.main(["eval", "--quick", "--json", str(path), "--out", str(out)]) == 0
     report = json.loads(path.read_text())
     rows = {(r["sampler"], r["method"], r["interval"]): r for r in report["rows"]}
     assert ("ddim", "baseline", None) in rows

@@ -20,6 +20,9 @@ from fora_fx.quality.model import (
 )
 from fora_fx.quality.train import NUM_TRAIN_TIMESTEPS, TrainConfig, eps_mse, train
 
+# One worker for all of this file (tests/run.sh): its tests share state.
+pytestmark = pytest.mark.xdist_group("quality_train")
+
 
 def _rows(x: torch.Tensor) -> set[bytes]:
     return {row.numpy().tobytes() for row in x.reshape(len(x), -1)}
