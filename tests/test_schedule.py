@@ -294,6 +294,21 @@ def test_calibrate_two_experts_full_where_the_second_starts():
         fora_fx.calibrate(pipe, lambda p: p([1.0] * 6), budget=1, config=EAGER)
 
 
+def test_calibrate_a_diffusers_pipeline():
+    """DiTPipeline: DDIM has no step_index (steps counted), batched CFG in one call."""
+    import pipes
+
+    case = pipes.make_pipe("dit")
+    s = fora_fx.calibrate(case.pipe, lambda p: p(**case.call(0)), budget=4, config=EAGER)
+    assert list(s.full) == [pipes.STEPS] and len(s.full[pipes.STEPS]) == 4
+    assert type(case.pipe.transformer).__name__ == "DiTTransformer2DModel"
+    assert no_hooks(case.pipe.transformer)
+    fora_fx.transform(case.pipe, EAGER, schedule=s)
+    case.pipe(**case.call(1))
+    assert fora_fx.stats(case.pipe).history == [k in s.full[pipes.STEPS]
+                                                for k in range(pipes.STEPS)]
+
+
 def test_docs_example_runs():
     """docs/schedules.md's example, exec'd verbatim (the default Inductor compiler)."""
     block = re.search(r"exec'd verbatim.*?\n```python\n(.*?)```", DOCS.read_text(), re.S)
