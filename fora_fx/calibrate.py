@@ -38,8 +38,9 @@ from .schedule import Schedule, choose
 from .steps import PipelineSteps
 
 
-class _Stop(Exception):
-    """Raised by the capture pre-hook to stop `run` after its first model call's inputs."""
+class _Stop(BaseException):
+    """Raised by the capture pre-hook to stop `run` after its first model call's inputs (a
+    BaseException, so that a `run` catching Exception does not swallow it)."""
 
 
 def _models(target: Any) -> list[torch.nn.Module]:
@@ -145,6 +146,9 @@ def calibrate(target: Any, run: Callable[[Any], Any], budget: int | float,
                 lengths.add(n)
         return hook
 
+    def leave(module: torch.nn.Module, args: tuple, out: Any) -> None:
+        where.clear()  # a site module called between model calls is not measured
+
     def record(i: int, path: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, out: Any) -> None:
             if where.get("model") != i:
@@ -164,6 +168,7 @@ def calibrate(target: Any, run: Callable[[Any], Any], budget: int | float,
     try:
         for i, model in enumerate(models):
             hooks.append(model.register_forward_pre_hook(enter(i)))
+            hooks.append(model.register_forward_hook(leave))
             for path in paths:
                 try:
                     module = model.get_submodule(path)
