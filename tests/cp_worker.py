@@ -49,7 +49,11 @@ COLLECTIVES = ("all_to_all_single", "all_gather_into_tensor", "wait_tensor")
 
 
 def report(**kw: object) -> None:
-    print("CP " + json.dumps({"rank": RANK, "t": round(time.time() - T0, 1), **kw}), flush=True)
+    # One write per line: both ranks share the pipe, and print() writes the text and its
+    # newline separately, so two ranks' lines could interleave (seen under load).
+    line = "CP " + json.dumps({"rank": RANK, "t": round(time.time() - T0, 1), **kw}) + "\n"
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 def build(name: str) -> tuple[torch.nn.Module, dict, str, object]:
