@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import piecewise, tuning
-from .backend import backend
+from .backend import backend_for
 from .capture import module_paths
 from .config import ForaConfig
 from .pipelines import is_pipeline, restore_pipeline, transform_pipeline, wrapped
@@ -49,7 +49,8 @@ class ForaModule(torch.nn.Module):
                 stacklevel=3,
             )
         tune = tune or tuning.current()
-        compiled = torch.compile(model, backend=backend(config), dynamic=False,
+        # the tuning given (a copy keeps its original's), not whatever is current now
+        compiled = torch.compile(model, backend=backend_for(config, tune), dynamic=False,
                                  fullgraph=config.piecewise is None)
         runtime = Runtime(config, tune, source, model, compiled, module_paths(model))
         if config.piecewise is not None and config.piecewise.hook_sites:

@@ -158,7 +158,11 @@ def backend(config: ForaConfig | None = None, **options: Any) -> ForaBackend:
         config = ForaConfig(**options)
     elif options:
         config = config.replace(**options)
-    tune = tuning.current()
+    return backend_for(config, tuning.current())
+
+
+def backend_for(config: ForaConfig, tune: tuning.Tuning) -> ForaBackend:
+    """The one backend for this config and these graph-changing settings."""
     key = (config, tune.graph_key)
     if key not in _BACKENDS:
         _BACKENDS[key] = ForaBackend(config, tune)

@@ -188,12 +188,12 @@ class ForaConfig:
         return next((p for p in self.exclude if fnmatch.fnmatchcase(module_path, p)), None)
 
     def replace(self, **changes: Any) -> ForaConfig:
-        return dataclasses.replace(self, **check_options(changes, type(self)))
+        return dataclasses.replace(self, **changes)  # __new__ checks the names
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> ForaConfig:
         """Builds a config from torch.compile's `options=` dict (or `mode=`)."""
-        options = check_options(dict(options or {}), cls)
+        options = dict(options or {})  # __new__ checks the names
         if mode is not None:
             options.setdefault("mode", mode)
         return cls(**options)

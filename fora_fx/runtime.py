@@ -84,8 +84,12 @@ def route(pair: CompiledPair, config: ForaConfig, tune: Tuning, *args: Any) -> A
     runtime = Runtime.current()
     if runtime is None:  # compiled by name: the model whose parameter was passed in
         key = args[pair.param_index] if pair.param_index is not None else pair
-        by_config = _BY_PARAM.setdefault(key, {})
-        runtime = by_config.get(config) or by_config.setdefault(config, Runtime(config, tune))
+        by_config = _BY_PARAM.get(key)
+        if by_config is None:  # not setdefault: that would build a dict on every step
+            by_config = _BY_PARAM[key] = {}
+        runtime = by_config.get(config)
+        if runtime is None:
+            runtime = by_config[config] = Runtime(config, tune)
     return runtime.run(pair, args)
 
 

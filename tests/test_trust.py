@@ -219,6 +219,21 @@ def test_reset_and_restore_of_a_model_never_transformed_raise(verb):
         verb(_NoSites())
 
 
+def test_deepcopy_keeps_the_tuning_its_original_was_transformed_under():
+    import copy
+
+    from zoo import make
+
+    case = make("dit")
+    with fora_fx.tuning.patch(batch_blocks=False):
+        fast = fora_fx.transform(case.model, interval=2, compiler="eager")
+    twin = copy.deepcopy(fast)  # outside the patch: the copy must not batch either
+    args, kwargs = case.inputs(0, 0)
+    with torch.no_grad():
+        twin(*args, **kwargs)
+    assert fora_fx.explain(twin).batched == {}
+
+
 def test_deepcopy_is_an_independent_transformed_model():
     import copy
 
