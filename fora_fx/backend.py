@@ -25,7 +25,7 @@ from .compile import (
 )
 from .config import ForaConfig
 from .fastpath import frame_effects
-from .passes import Refusal, Site, locate, rewrite, stack_names
+from .passes import CLOCK, Refusal, Site, locate, rewrite, stack_names
 from .runtime import NoSitesError, Runtime, describe_refusals, route
 
 
@@ -53,11 +53,14 @@ def build_pair(
         raise NoSitesError("fora_fx found no attention or MLP site to cache in this model:\n"
                            + describe_refusals(located, config))
     lower = config.compiler != "eager"  # eager runs the ops as written, for debugging
-    variants = {name: rewrite(gm, sites, name == "refresh", module_paths,
-                              tune.batch_blocks, lower) for name in ("refresh", "reuse")}
-    nodes = {n.name: n for n in gm.graph.nodes}
-    values = [nodes[out].meta["example_value"] for s in sites for out in s.outputs]
-    specs = [BufferSpec(tuple(int(d) for d in v.shape), v.dtype, v.device) for v in values]
+    variants = {name: rewrite(gm, sites, name == "refresh", module_paths, tune.batch_blocks,
+                              lower, config.taylor_order) for name in ("refresh", "reuse")}
+    # One buffer per cache placeholder (site outputs, forecast factors, the forecast clock),
+    # in placeholder order; both variants take the same list.
+    cached = [n for n in variants["refresh"].graph.graph.find_nodes(op="placeholder")
+              if "fora_cache" in n.meta]
+    specs = [BufferSpec(tuple(int(d) for d in v.shape), v.dtype, v.device)
+             for v in (n.meta["example_value"] for n in cached)]
     index = {n.name: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
     groups = {name: [tuple(index[m] for m in members) for _, members in stack_names(v.graph)]
               for name, v in variants.items()}
@@ -77,7 +80,8 @@ def build_pair(
         graphs={name: v.readable for name, v in variants.items()},
         counts={name: v.counts for name, v in variants.items()},
         batched={name: v.batched for name, v in variants.items() if tune.batch_blocks},
-        stack_groups=groups, param_index=params[0] if params else None)
+        stack_groups=groups, param_index=params[0] if params else None,
+        clock=next((i for i, n in enumerate(cached) if n.name == CLOCK), None))
 
 
 def _example_stack(params: Sequence[torch.Tensor]) -> torch.Tensor:

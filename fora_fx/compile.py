@@ -45,10 +45,17 @@ class CompiledPair:
     stack_groups: dict[str, list[tuple[int, ...]]] = field(
         default_factory=lambda: {"refresh": [], "reuse": []})
     param_index: int | None = None  # an input that identifies the model (a parameter)
+    clock: int | None = None  # which buffer is the forecast clock (passes/forecast.py)
     # Whether Dynamo's frame around this graph has Python side effects on existing objects
     # (None: unknown); fora_fx/fastpath.py says what it allows.
     frame_effects: bool | None = None
     entry: Callable[..., Any] | None = None  # set by the backend: routes to the Runtime
+
+    def start_cold(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Before a refresh that starts a cache (nothing from this generation in `buffers`):
+        a forecast keeps its first factor only (a device write, no sync)."""
+        if self.clock is not None:
+            buffers[self.clock].zero_()
 
     @property
     def pruned(self) -> int:

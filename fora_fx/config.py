@@ -16,6 +16,8 @@ from .schedule import Schedule
 SITE_KINDS = ("attn", "cross_attn", "mlp", "parallel")
 COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FORECASTS = (None, "taylor")
+MAX_ORDER = 4
 # Options of the first release that are now fora_fx.tuning's or Piecewise's: named on use.
 MOVED = {
     "batch_blocks": "fora_fx.tuning.patch(batch_blocks=...)",
@@ -89,6 +91,14 @@ class ForaConfig:
     piecewise:     None: the forward must be one graph (a graph break raises, naming
                    Dynamo's reason). `Piecewise(...)`: cache what Dynamo captures around its
                    graph breaks (see Piecewise).
+    forecast:      what a reuse step returns for a cached site. None: the output of the last
+                   full step, unchanged (FORA). "taylor": a Taylor forecast from the last
+                   full steps (TaylorSeer, arXiv 2503.06923): each full step stores the
+                   output and its divided differences up to `order`; a reuse step `d`
+                   steps after the last full one returns sum_j factor_j * d**j / j!,
+                   evaluated inside the compiled reuse graph (passes/forecast.py).
+    order:         the Taylor order, 1 .. 4; each order adds a cache buffer per cached output
+                   (`explain` shows the bytes). Only with forecast="taylor".
     schedule:      None: the interval rule above. `Schedule({20: (0, 1, 4, 9, 15, 19)})`: the
                    full steps listed per generation length (`fora_fx.calibrate` measures
                    one); interval / warmup_steps / refresh_last then do not apply and are
@@ -106,6 +116,8 @@ class ForaConfig:
     compiler: str = "inductor"
     mode: str | None = None
     piecewise: Piecewise | None = None
+    forecast: str | None = None
+    order: int = 1
     schedule: Schedule | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForaConfig:
@@ -143,7 +155,32 @@ class ForaConfig:
                 f"ForaConfig.piecewise must be None or fora_fx.Piecewise(...), got "
                 f"{self.piecewise!r}"
             )
+        self._check_forecast()
         self._check_schedule()
+
+    def _check_forecast(self) -> None:
+        if self.forecast not in FORECASTS:
+            raise ValueError(
+                f"ForaConfig.forecast must be one of {FORECASTS} (None replays the last full "
+                f"step's output, as FORA does), got {self.forecast!r}")
+        require_int("ForaConfig.order", self.order, 1)
+        if self.order > MAX_ORDER:
+            raise ValueError(f"ForaConfig.order must be 1 .. {MAX_ORDER}, got {self.order}")
+        if self.forecast is None and self.order != 1:
+            raise ValueError(
+                f"ForaConfig.order={self.order} is a Taylor order; it needs "
+                "forecast='taylor' (without a forecast a reuse step replays the cache)")
+        if self.forecast is not None and self.piecewise is not None \
+                and self.piecewise.hook_sites:
+            raise ValueError(
+                "ForaConfig.forecast applies to sites inside the compiled graphs; hook sites "
+                "(Piecewise.hook_sites) replay their output. Drop the hook sites, or "
+                "forecast=None")
+
+    @property
+    def taylor_order(self) -> int:
+        """How many Taylor factors beyond the output each cached output keeps (0: replay)."""
+        return self.order if self.forecast == "taylor" else 0
 
     def _check_schedule(self) -> None:
         if self.schedule is None:

@@ -40,6 +40,7 @@ class Explanation:
     direct: int = 0  # ... and of those, its frame (fora_fx/fastpath.py)
     frame_effects: bool | None = None  # the first graph's frame has Python side effects
     schedule: Schedule | None = None  # ForaConfig.schedule: the listed full steps
+    order: int = 0  # ForaConfig(forecast="taylor")'s order; 0: reuse replays
     graphs: dict[str, str] = field(default_factory=dict)  # "refresh"/"reuse" -> Python code
     show_graphs: bool = False
 
@@ -53,6 +54,9 @@ class Explanation:
         ]
         if self.schedule is not None:
             lines.append(f"schedule: {self.schedule}")
+        if self.order:
+            lines.append(f"forecast: taylor, order {self.order} ({self.order + 1} buffers per "
+                         "cached output, and a step clock per graph)")
         if self.frame_effects:
             lines.append("Dynamo's frame has Python side effects: every call is guarded")
         w = max((len(s.module_path) for s in self.sites), default=10)
@@ -241,6 +245,7 @@ def explain(obj: Any, *args: Any, graph: bool = False, **kwargs: Any) -> Explana
         direct=sum(s.direct for s in stats),
         frame_effects=pair.frame_effects,
         schedule=next((rt.config.schedule for rt in runtimes(obj)), None),
+        order=max((rt.config.taylor_order for rt in runtimes(obj)), default=0),
         graphs={k: readable(g.code) for k, g in pair.graphs.items()},
         show_graphs=graph,
     )

@@ -80,7 +80,8 @@ class Piece:
             buffers = self.caches.buffers[key] = [s.allocate() for s in pair.specs]
         if self._fresh(key):
             return pair.reuse(*args, *buffers, *stack_inputs(pair, "reuse", args, key))
-        self.caches.filled.pop(key, None)
+        if self.caches.filled.pop(key, None) != self.caches.period - 1:
+            pair.start_cold(buffers)  # not filled at the previous full step
         out = pair.refresh(*args, *buffers, *stack_inputs(pair, "refresh", args, key))
         self._filled(key)
         return out

@@ -261,6 +261,8 @@ class Runtime:
                 parallel.check(self.model, self.config, branch.name, step, num_steps, refresh,
                                self.stats.calls)
             if refresh:
+                if branch.owner is not pair:
+                    pair.start_cold(buffers)
                 branch.owner = None  # a refresh that raises half-way leaves no valid cache
                 out = pair.refresh(*args, *buffers, *self._stack_inputs(pair, "refresh", args))
                 branch.owner = pair

@@ -4,11 +4,12 @@
     refresh = rewrite(gm, sites, refresh=True)   # compute + fora::store into cache buffers
     reuse = rewrite(gm, sites, refresh=False)    # fora::load from buffers, dead regions removed
 
-`rewrite` (passes/pipeline.py) runs the passes in order (specialize, prune, batch, lowering)
-with `verify` after every one.
+`rewrite` (passes/pipeline.py) runs the passes in order (specialize, forecast, prune, batch,
+lowering) with `verify` after every one.
 """
 
 from .batch import Batched, Stack, batch_blocks, stack_names
+from .forecast import CLOCK, forecast, forecast_buffers
 from .locate import locate
 from .paths import normalize_path, outer_block, path_order
 from .pipeline import Variant, rewrite
@@ -22,6 +23,9 @@ __all__ = [
     "Stack",
     "batch_blocks",
     "stack_names",
+    "CLOCK",
+    "forecast",
+    "forecast_buffers",
     "GraphInvariantError",
     "LocateResult",
     "Refusal",

@@ -1,12 +1,13 @@
 """The rewrite as a pipeline: graph -> graph passes in order, the checker after every one.
 
-    refresh: specialize -> batch -> | lower_stores
-    reuse:   specialize -> prune -> batch -> | elide_loads
+    refresh: specialize -> [forecast] -> batch -> | lower_stores
+    reuse:   specialize -> [forecast] -> prune -> batch -> | elide_loads [-> lower_stores]
 
 Passes after the bar only prepare a variant for compiling (an opaque custom op would be an
 unfusable call; a load a needless copy); `Variant.readable` is the graph before them, the one
-`explain` shows. Each pass's counter says how much it changed (sites specialized, Linears
-narrowed, block runs batched, stores lowered, loads elided).
+`explain` shows. `forecast` runs only with a Taylor order (passes/forecast.py). Each
+pass's counter says how much it changed (sites specialized, factors added, Linears narrowed,
+block runs batched, stores lowered, loads elided).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from torch.fx import GraphModule
 
 from .batch import Batched, batch_blocks
+from .forecast import forecast
 from .prune import prune_chunked_linears
 from .sites import Site
 from .specialize import clone, elide_loads, lower_stores, specialize
@@ -32,16 +34,20 @@ class Variant:
     batched: list[Batched] = field(default_factory=list)
 
 
-def passes(refresh: bool, paths: Mapping[str, str] | None, batch: bool,
-           lower: bool) -> list[tuple[str, Callable[[GraphModule], Any]]]:
+def passes(sites: Sequence[Site], refresh: bool, paths: Mapping[str, str] | None, batch: bool,
+           lower: bool, order: int) -> list[tuple[str, Callable[[GraphModule], Any]]]:
     """The in-place passes run after `specialize`, in order; (name, pass)."""
     steps: list[tuple[str, Callable[[GraphModule], Any]]] = []
+    if order:
+        steps.append(("forecast", lambda g: forecast(g, sites, order, refresh)))
     if not refresh:  # adaLN: only the gate chunks of a modulation Linear are live on reuse
         steps.append(("prune", prune_chunked_linears))
     if batch:
         steps.append(("batch", lambda g: batch_blocks(g, paths)))
     if lower:
         steps.append(("lower_stores", lower_stores) if refresh else ("elide_loads", elide_loads))
+        if order and not refresh:  # the forecast clock's tick
+            steps.append(("lower_stores", lower_stores))
     return steps
 
 
@@ -50,17 +56,18 @@ LOWERING = ("lower_stores", "elide_loads")
 
 def rewrite(gm: GraphModule, sites: Sequence[Site], refresh: bool,
             paths: Mapping[str, str] | None = None, batch: bool = True,
-            lower: bool = True) -> Variant:
-    """The refresh or reuse variant of `gm`, checked after every pass."""
+            lower: bool = True, order: int = 0) -> Variant:
+    """The refresh or reuse variant of `gm`, checked after every pass. `order`: the Taylor
+    order of the forecast (0: reuse replays the cache)."""
     graph = specialize(gm, sites, refresh)
     verify(gm, graph, sites, refresh)
     variant = Variant(graph, graph, {"specialize": sum(len(s.outputs) for s in sites)})
-    for name, run in passes(refresh, paths, batch, lower):
+    for name, run in passes(sites, refresh, paths, batch, lower, order):
         if name in LOWERING and variant.readable is graph:
             variant.readable = clone(graph)
         result = run(graph)
         if name == "batch":
             variant.batched = result
         variant.counts[name] = len(result) if isinstance(result, list) else int(result)
-        verify(gm, graph, sites, refresh)
+        verify(gm, graph, sites, refresh, order)
     return variant

@@ -14,6 +14,8 @@ call (wrapping to 0 after ``num_steps`` calls when ``num_steps`` is given).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -112,13 +114,19 @@ class EagerFora:
             self._called.add(path)
             if self.refresh:
                 out = original_forward(*args, **kwargs)
-                self.cache[path] = _clone(out)
+                self._store(path, out)
                 return out
             if path not in self.cache:
                 raise RuntimeError(f"FORA site {path!r} reused before it was ever computed")
-            return _clone(self.cache[path])
+            return self._replay(path)
 
         return forward
+
+    def _store(self, path: str, out) -> None:
+        self.cache[path] = _clone(out)
+
+    def _replay(self, path: str):
+        return _clone(self.cache[path])
 
     # ------------------------------------------------------------------ API
 
@@ -146,3 +154,42 @@ class EagerFora:
                 del module.forward
         self._sites = {}
         self.cache.clear()
+
+
+class EagerTaylor(EagerFora):
+    """TaylorSeer's forecast (arXiv 2503.06923) on the same schedule, with host-side step
+    arithmetic: the cache of a site is (step of its last full computation, [F_0 .. F_k]) per
+    output; F_{j+1} = (F_j - F_j^prev) / gap while a previous F_j exists. A reuse `d` steps
+    after the last full step returns sum_j F_j * d**j / j! (in float64, cast back)."""
+
+    def __init__(self, model: nn.Module, site_paths: list[str], interval: int, order: int,
+                 full_steps=None, **kwargs):
+        self.order = order
+        self.full_steps = None if full_steps is None else set(full_steps)
+        super().__init__(model, site_paths, interval, **kwargs)
+
+    def _before_call(self, module, args):
+        super()._before_call(module, args)
+        if self.full_steps is not None:  # an explicit schedule instead of the interval rule
+            self.refresh = self.refreshed[-1] = self.step in self.full_steps
+
+    def _store(self, path: str, out) -> None:
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        last = self.cache.get(path)
+        entries = []
+        for i, y in enumerate(outs):
+            factors = [y.double()]
+            if last is not None:
+                gap = self.step - last[0]
+                for j, old in enumerate(last[1][i][: self.order]):
+                    factors.append((factors[j] - old) / gap)
+            entries.append(factors)
+        self.cache[path] = (self.step, entries, [y.dtype for y in outs],
+                            isinstance(out, torch.Tensor))
+
+    def _replay(self, path: str):
+        last, entries, dtypes, single = self.cache[path]
+        d = self.step - last
+        outs = tuple(sum(f * (d ** j / math.factorial(j)) for j, f in enumerate(fs)).to(dt)
+                     for fs, dt in zip(entries, dtypes, strict=True))
+        return outs[0] if single else outs
