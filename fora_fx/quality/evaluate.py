@@ -24,8 +24,10 @@ from .. import api, peers_cachedit
 from ..bench.progress import bar
 from ..bench.timing import interleave
 from ..capture import capture, module_paths
+from ..config import ForaConfig
 from ..passes import locate
 from ..peers import DiffusersHook, SiteCounter
+from ..schedule import Schedule, choose
 from .classifier import DigitsClassifier, train_classifier
 from .data import load_digits_split
 from .metrics import class_accuracy, fid, inception_score, precision_recall, psnr
@@ -35,7 +37,13 @@ from .report import markdown, merge, paired_fid_delta, render, write_grid, write
 __all__ = ["METHODS", "EvalSetup", "Judge", "evaluate", "markdown", "merge",
            "paired_fid_delta", "render", "sample", "write_grid", "write_outputs"]
 
-METHODS = ("fora", "taylorseer", "pab", "cache-dit", "cache-dit+taylorseer")
+METHODS = ("fora", "taylor1", "taylor2", "fora-cal", "taylor2-cal", "taylorseer", "pab",
+           "cache-dit", "cache-dit+taylorseer")
+# fora_fx's own variants, at each of setup.intervals: forecast order (0: FORA's replay) and
+# whether the full steps are calibrated (as many as the interval rule makes at that N).
+OURS = {"fora": (0, False), "taylor1": (1, False), "taylor2": (2, False),
+        "fora-cal": (0, True), "taylor2-cal": (2, True)}
+CALIBRATION_SEED = 1000  # the calibration generation's noise: none of the scored seeds
 
 
 @dataclass
@@ -163,25 +171,51 @@ def site_paths(model: torch.nn.Module) -> list[str]:
     return [s.module_path for s in locate(gm, module_paths(model)).sites]
 
 
-def _methods(base: torch.nn.Module, setup: EvalSetup, steps: int,
+def _calibrate(base: torch.nn.Module, setup: EvalSetup, kind: str,
+               steps: int) -> tuple[float, ...]:
+    """The per-step change curve of one uncached generation (fora_fx.calibrate), on one batch
+    of CALIBRATION_SEED's noise: the schedule is chosen before sampling, from none of the
+    scored samples."""
+    from ..calibrate import calibrate
+
+    labels = torch.arange(setup.batch) % 10
+    schedule = calibrate(base, lambda m: sample(m, labels, CALIBRATION_SEED, kind, steps,
+                                                setup.cfg, setup.batch), budget=steps)
+    return schedule.changes[steps]
+
+
+def _methods(base: torch.nn.Module, setup: EvalSetup, kind: str, steps: int,
              log: Callable[[str], None]) -> list[Method]:
     compiled = torch.compile(base, fullgraph=True, dynamic=False) if setup.compile else base
     methods = [Method("baseline", None, compiled, None, lambda: 0.0)]
     n_peer = setup.peer_interval
-    for n in setup.intervals if "fora" in setup.methods else ():
-        fast = api.transform(base, interval=n, num_steps=steps,
-                             compiler="inductor" if setup.compile else "eager")
-        methods.append(Method("fora", n, fast, None, functools.partial(
-            lambda f: (st := api.stats(f)).reuses / max(1, st.calls), fast)))
-    hooks = [kind for kind in ("taylorseer", "pab") if kind in setup.methods]
-    sites = site_paths(base) if hooks else []
-    for kind in hooks:
-        try:
-            peer = _Peer(copy.deepcopy(base), kind, n_peer, sites)
-        except ImportError as e:  # TaylorSeer is newer than some supported diffusers
-            log(f"{kind}: skipped, this diffusers lacks it ({e})")
+    curve: tuple[float, ...] = ()
+    for name, (order, calibrated) in OURS.items():
+        if name not in setup.methods:
             continue
-        methods.append(Method(kind, n_peer, peer, peer.hook.start_generation, peer.skipped))
+        if calibrated and not curve:
+            curve = _calibrate(base, setup, kind, steps)
+        for n in setup.intervals:
+            options: dict[str, Any] = {} if calibrated else {"interval": n}
+            if order:
+                options.update(forecast="taylor", order=order)
+            if calibrated:  # the uniform rule's number of full steps, placed by calibration
+                full = sum(ForaConfig(interval=n, num_steps=steps).refreshes(k)
+                           for k in range(steps))
+                options["schedule"] = Schedule({steps: choose(curve, full)}, {steps: curve})
+            fast = api.transform(base, num_steps=steps,
+                                 compiler="inductor" if setup.compile else "eager", **options)
+            methods.append(Method(name, n, fast, None, functools.partial(
+                lambda f: (st := api.stats(f)).reuses / max(1, st.calls), fast)))
+    hooks = [hook for hook in ("taylorseer", "pab") if hook in setup.methods]
+    sites = site_paths(base) if hooks else []
+    for hook in hooks:
+        try:
+            peer = _Peer(copy.deepcopy(base), hook, n_peer, sites)
+        except ImportError as e:  # TaylorSeer is newer than some supported diffusers
+            log(f"{hook}: skipped, this diffusers lacks it ({e})")
+            continue
+        methods.append(Method(hook, n_peer, peer, peer.hook.start_generation, peer.skipped))
     for name in ("cache-dit", "cache-dit+taylorseer"):
         if name not in setup.methods:
             continue
@@ -239,7 +273,7 @@ def evaluate(setup: EvalSetup, log: Callable[[str], None] = print,
     timings: dict[str, Any] = {}
     started = time.perf_counter()
     for kind, steps in setup.samplers:
-        methods = _methods(base, setup, steps, log)
+        methods = _methods(base, setup, kind, steps, log)
         run = {_key(m): functools.partial(_round, m, labels, rounds, kind, steps, setup)
                for m in methods}
         with bar(len(methods) + 1, f"{kind}-{steps} compiling", quiet, unit="model") as b:

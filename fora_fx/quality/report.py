@@ -98,6 +98,16 @@ def render(report: dict[str, Any], out_dir: str) -> None:
     _plot(report, out / "quality_vs_speedup.png")
 
 
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speedup, FID) points no other point beats on both (faster and lower FID), by
+    speedup."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], p[1])):  # fastest first
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front[::-1]
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -106,7 +116,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     samplers = list(dict.fromkeys(f"{r['sampler']}-{r['steps']}" for r in report["rows"]))
     methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
-    style = {m: (f"C{i}", mk) for i, (m, mk) in enumerate(zip(methods, "osd^v<>p*", strict=False))}
+    style = {m: (f"C{i % 10}", "osd^v<>p*hXDP"[i % 13]) for i, m in enumerate(methods)}
     # top row: FID (the distribution); bottom row: PSNR against the uncached samples of the
     # same seeds (faithfulness; FID can fall below the baseline's when samples shift)
     fig, axes = plt.subplots(2, len(samplers), figsize=(5 * len(samplers), 7), dpi=120,
@@ -128,10 +138,14 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                 psnr_ax.plot(xs, [r["psnr"] for r in rows], color=color, marker=marker,
                              label=method, linestyle=line)
             for r, x in zip(rows, xs, strict=True):
-                if r["interval"] and method == "fora":
+                if r["interval"]:
                     for ax, y in ((fid_ax, r["fid"]), (psnr_ax, r["psnr"])):
                         ax.annotate(f"N={r['interval']}", (x, y), fontsize=7, xytext=(3, 3),
                                     textcoords="offset points")
+        front = pareto([(r["speedup"] or 1.0, r["fid"]) for r in report["rows"]
+                        if f"{r['sampler']}-{r['steps']}" == sampler])
+        fid_ax.plot(*zip(*front, strict=True), color="black", linestyle="--", linewidth=0.8,
+                    zorder=0, label="Pareto front (faster and lower FID)")
         fid_ax.axhline(report["fid_floor_heldout"], color="grey", linestyle=":",
                        label="held-out real digits")
         fid_ax.set_title(sampler, fontsize=9)
