@@ -58,7 +58,7 @@ def verify(
     if order and len(clock_stores) != 1:
         _fail(kind, f"writes the forecast clock {len(clock_stores)} times, expected once")
     stores = [n for n in stores if n not in clock_stores]
-    # I5: a buffer is read before it is written: a read after its store would see this
+    # I6: a buffer is read before it is written: a read after its store would see this
     # step's value (the eager graph writes in place), not the previous full step's.
     position = {n: i for i, n in enumerate(graph.nodes)}
     for store in [*stores, *clock_stores]:

@@ -299,3 +299,17 @@ def test_config_refuses_what_cannot_apply():
         fora_fx.ForaConfig(forecast="taylor", order=1.5)
     with pytest.raises(ValueError, match="hook sites"):
         fora_fx.ForaConfig(forecast="taylor", piecewise=fora_fx.Piecewise(hook_sites=("*.ff",)))
+
+
+def test_docs_example_runs():
+    """docs/forecast.md's example, exec'd verbatim (the default Inductor compiler)."""
+    import pathlib
+
+    docs = pathlib.Path(__file__).resolve().parent.parent / "docs" / "forecast.md"
+    block = re.search(r"exec'd verbatim.*?\n```python\n(.*?)```", docs.read_text(), re.S)
+    assert block is not None, "docs/forecast.md lost its tested example"
+    scope: dict = {}
+    exec(block.group(1), scope)  # noqa: S102 - the documented user code is what is tested
+    stats = scope["stats"]
+    assert stats.history == [True, False, False, True, False, False, True, False, False, True]
+    assert stats.direct >= 7  # continuing calls skipped Dynamo's frame
