@@ -15,15 +15,17 @@ import sys
 import pytest
 import torch
 
-# One worker for all of this file (tests/run.sh): its tests share state.
-pytestmark = pytest.mark.xdist_group("context_parallel")
-
 HERE = pathlib.Path(__file__).resolve().parent
 TOL = 1e-5  # float32; Ulysses moves whole heads, Flux's joint attention reorders a sum (2e-7)
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with gloo is needed to run 2 processes on CPU")
+pytestmark = [
+    # One worker for all of this file (tests/run.sh): its tests share the module fixture's
+    # torchrun. (A second `pytestmark =` used to replace this mark: both workers ran it.)
+    pytest.mark.xdist_group("context_parallel"),
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="torch.distributed with gloo is needed to run 2 processes on CPU"),
+]
 
 
 def _free_port() -> int:
