@@ -11,11 +11,13 @@ bench 50 tiny --model tiny --steps 10 --repeats 1 --intervals 3 --no-compiled-pe
 # DiT-XL/2: B=2 with every row, then B=16; PixArt-alpha 512 (cross-attention) at B=2.
 # Every family of rows compiles cold (fora_fx/bench/timing.py), so the B=16 and PixArt runs
 # keep to eager, compiled and fora_fx: the peers and the ablation are compared at B=2.
-bench 200 dit_b2 --model dit-xl-2 --batch 1 --steps 50 --repeats 3 --intervals 3,6 --profile
+# The B=2 run also has the forecast rows (forecast="taylor", order 2, docs/forecast.md): their
+# reuse step against FORA's is the cost of forecasting inside the graph under CUDA graphs.
+bench 230 dit_b2 --model dit-xl-2 --batch 1 --steps 50 --repeats 3 --intervals 3,6 --profile
 bench 170 dit_b16 --model dit-xl-2 --batch 8 --steps 50 --repeats 3 --intervals 3,6 --profile \
-  --no-peers --no-ablation
+  --no-peers --no-ablation --no-forecast
 bench 120 pixart_b2 --model pixart-512 --batch 1 --steps 50 --repeats 3 --intervals 3,6 \
-  --no-peers --no-ablation
+  --no-peers --no-ablation --no-forecast
 # Context parallelism (docs/parallel.md): small-wan sharded over every GPU with Ulysses, compiled
 # uncached against FORA N=3 (the CP bench writes no JSON: its table goes to bench.md). One GPU
 # cannot shard: skipped, said in bench.md.

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, metavar="PATH", help="also write rows as JSON")
     bench.add_argument("--no-ablation", action="store_true",
                        help="skip the fora_fx N=3 row without the batch pass / fusion limit")
+    bench.add_argument("--no-forecast", action="store_true",
+                       help="skip the fora_fx rows with forecast='taylor' (order 2)")
     bench.add_argument("--no-compiled-peers", action="store_true",
                        help="skip cache-dit under torch.compile")
     bench.add_argument("--no-peers", action="store_true",
@@ -52,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seeds", default="0,1,2")
     ev.add_argument("--batch", type=int, default=100, help="samples per model call (CFG doubles)")
     ev.add_argument("--methods", default=None,
-                    help="comma-separated subset of fora,taylorseer,pab,cache-dit,"
-                         "cache-dit+taylorseer (default: all; the baseline always runs)")
-    ev.add_argument("--intervals", default="2,3,4,5,6,7", help="FORA intervals")
+                    help="comma-separated subset of fora,taylor1,taylor2,fora-cal,"
+                         "taylor2-cal,taylorseer,pab,cache-dit,cache-dit+taylorseer (default: "
+                         "all; the baseline always runs; *-cal: full steps calibrated, as many "
+                         "as the interval rule makes)")
+    ev.add_argument("--intervals", default="2,3,4,5,6,7",
+                    help="intervals of fora_fx's rows (fora, taylor*, *-cal)")
     ev.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="no sampling: write quality.md and the plot from saved --json files "
                          "(several: rows merged, one baseline)")
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         setup.device = args.device
     setup.ablation = not args.no_ablation
+    setup.forecast = not args.no_forecast
     setup.compiled_peers = not args.no_compiled_peers
     setup.peers = not args.no_peers
     setup.profile = args.profile

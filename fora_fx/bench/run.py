@@ -32,7 +32,8 @@ def run(setup: Setup, log: Callable[[str], None] = print,
 
 def _row_count(setup: Setup) -> int:
     peers = len(setup.intervals) + 2 + 1 + setup.compiled_peers if setup.peers else 0
-    return 2 + len(setup.intervals) + (setup.ablation and 3 in setup.intervals) + peers
+    return 2 + len(setup.intervals) * (1 + setup.forecast) \
+        + (setup.ablation and 3 in setup.intervals) + peers
 
 
 def _run(setup: Setup, log: Callable[[str], None],
@@ -140,6 +141,10 @@ def _run(setup: Setup, log: Callable[[str], None],
     variants: list[tuple[str, int, ForaConfig, dict[str, Any]]] = [
         ("fora_fx", n, ForaConfig(interval=n, mode=mode, piecewise=pieces), {})
         for n in setup.intervals]
+    if setup.forecast:  # the same full steps, reuse steps forecast (no reference: not FORA)
+        variants += [("fora_fx taylor-2", n, ForaConfig(
+            interval=n, mode=mode, piecewise=pieces, forecast="taylor", order=2), {})
+            for n in setup.intervals]
     if setup.ablation and 3 in setup.intervals:  # what the batch pass + fusion limit buy
         variants.append(("fora_fx -batch -limit", 3, ForaConfig(
             interval=3, mode=mode, piecewise=pieces),
@@ -148,7 +153,7 @@ def _run(setup: Setup, log: Callable[[str], None],
         with tuning.patch(**tune):
             fast = api.transform(fresh(), cfg)
         out = record(Row(method, n), sampler(fast, before=functools.partial(api.reset, fast)),
-                     ref=refs.get(n))
+                     ref=None if cfg.forecast else refs.get(n))
         if out is not None:
             rows[-1].cache_mib = explain(fast).cache_bytes / 2**20
             stats = api.stats(fast)

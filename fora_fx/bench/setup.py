@@ -104,6 +104,7 @@ class Setup:
     repeats: int = 3
     intervals: tuple[int, ...] = (2, 3, 4, 6)
     ablation: bool = True  # also fora_fx N=3 without the batch pass and the fusion limit
+    forecast: bool = True  # also fora_fx with forecast="taylor", order 2, at each interval
     profile: bool = False  # kernel-level profile of one refresh and one reuse step (N=3 rows)
     compiled_peers: bool = True  # also try cache-dit under torch.compile
     peers: bool = True  # the hook FORA, diffusers' hooks and cache-dit rows
