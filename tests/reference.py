@@ -170,6 +170,8 @@ class EagerTaylor(EagerFora):
 
     def _before_call(self, module, args):
         super()._before_call(module, args)
+        if self.step == 0:  # a new generation (also after num_steps wrapped): no factor kept
+            self.cache.clear()
         if self.full_steps is not None:  # an explicit schedule instead of the interval rule
             self.refresh = self.refreshed[-1] = self.step in self.full_steps
 

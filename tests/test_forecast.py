@@ -254,6 +254,23 @@ def test_guidance_branches_forecast_from_their_own_factors():
     assert [o[0] for o in out] == pytest.approx(_toy_taylor(ts), rel=1e-12)
 
 
+def test_a_diffusers_pipeline_forecasts_like_the_reference():
+    import pipes
+
+    case = pipes.make_pipe("dit")  # DDIM (steps counted), batched guidance: one call a step
+    ref = EagerTaylor(case.pipe.transformer, case.sites, interval=3, order=2,
+                      num_steps=pipes.STEPS)
+    with torch.no_grad():
+        expected = [pipes.output_tensor(case.pipe(**case.call(s))) for s in (0, 1)]
+    ref.remove()
+    pipe = fora_fx.transform(case.pipe, interval=3, compiler="eager", forecast="taylor",
+                             order=2)
+    got = [pipes.output_tensor(pipe(**case.call(s))) for s in (0, 1)]  # two generations
+    _close(got, expected)
+    assert fora_fx.stats(pipe).history == [True, False, False, True, False, False, True,
+                                           True] * 2
+
+
 def test_piecewise_graphs_forecast_each_from_its_own_clock():
     torch.manual_seed(0)
     model = _Broken(break_inside=True).eval()
