@@ -254,6 +254,15 @@ def test_guidance_branches_forecast_from_their_own_factors():
     assert [o[0] for o in out] == pytest.approx(_toy_taylor(ts), rel=1e-12)
 
 
+def test_torch_compile_by_name_forecasts_too():
+    model = torch.compile(toy.Toy(), backend="fora", fullgraph=True, options={
+        "compiler": "eager", "forecast": "taylor", "num_steps": 7})
+    ts = [1, 2, 3, 4, 5, 6, 7]
+    for _ in range(2):  # counted steps wrap after num_steps: the second generation is cold
+        got = [model(*toy.inputs(t)).item() for t in ts]
+        assert got == pytest.approx(_toy_taylor(ts), rel=1e-12)
+
+
 def test_a_diffusers_pipeline_forecasts_like_the_reference():
     import pipes
 
