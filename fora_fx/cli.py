@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="FORA's sample quality on the digits DiT vs its peers")
     ev.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     ev.add_argument("--out", default="fora_eval", help="folder for quality.md and the PNGs")
-    ev.add_argument("--samples", type=int, default=2000, help="samples per seed (>= 200/class)")
+    ev.add_argument("--samples", type=int, default=None,
+                    help="samples per seed (>= 200/class; default 2000, --quick 200)")
     ev.add_argument("--seeds", default="0,1,2")
-    ev.add_argument("--batch", type=int, default=100, help="samples per model call (CFG doubles)")
+    ev.add_argument("--batch", type=int, default=None,
+                    help="samples per model call (CFG doubles; default 100, --quick 50)")
     ev.add_argument("--methods", default=None,
                     help="comma-separated subset of fora,taylor1,taylor2,fora-cal,"
                          "taylor2-cal,taylorseer,pab,cache-dit,cache-dit+taylorseer (default: "
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(several: rows merged, one baseline)")
     ev.add_argument("--no-compile", action="store_true", help="eager models (no Inductor)")
     ev.add_argument("--quick", action="store_true",
-                    help="200 samples, 1 seed, N=3 and 6, 10 DDIM steps: a CI smoke run")
+                    help="200 samples, 1 seed, N=3 and 6, 10 DDIM steps: a CI smoke run "
+                         "(--samples / --batch still apply)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "eval":
@@ -144,12 +147,13 @@ def _eval(args: argparse.Namespace) -> int:
     try:  # EvalSetup refuses unknown method names, listing the valid ones
         if args.quick:
             # batch 50: 4 timing rounds, enough to measure the noise (bench.timing)
-            setup = EvalSetup(samples=200, seeds=(0,), intervals=(3, 6),
-                              samplers=(("ddim", 10),), batch=50, eager_batches=3,
+            setup = EvalSetup(samples=args.samples or 200, seeds=(0,), intervals=(3, 6),
+                              samplers=(("ddim", 10),), batch=args.batch or 50, eager_batches=3,
                               methods=methods, compile=not args.no_compile)
         else:
-            setup = EvalSetup(samples=args.samples, seeds=seeds, intervals=intervals,
-                              batch=args.batch, methods=methods, compile=not args.no_compile)
+            setup = EvalSetup(samples=args.samples or 2000, seeds=seeds, intervals=intervals,
+                              batch=args.batch or 100, methods=methods,
+                              compile=not args.no_compile)
     except ValueError as e:
         raise SystemExit(f"--methods: {e}") from None
     if setup.samples % setup.batch and setup.samples > setup.batch:

@@ -8,9 +8,14 @@ from fora_fx import cli, peers_cachedit
 
 
 def test_eval_quick_writes_table_plot_and_grid(tmp_path, capsys):
+    # Every method of the CLI's run, at a CI size: 30 samples in 3 batches (3 timing rounds,
+    # the fewest that measure the noise), eager models. With ten fora_fx rows, ten captures
+    # and compiles cost more than eager sampling at this size; the compiled setup's models
+    # are checked below, compiled sampling of this DiT in test_examples' digits job.
     out = tmp_path / "eval"
     path = tmp_path / "eval.json"
-    assert cli.main(["eval", "--quick", "--json", str(path), "--out", str(out)]) == 0
+    assert cli.main(["eval", "--quick", "--samples", "30", "--batch", "10", "--no-compile",
+                     "--json", str(path), "--out", str(out)]) == 0
     report = json.loads(path.read_text())
     rows = {(r["sampler"], r["method"], r["interval"]): r for r in report["rows"]}
     assert ("ddim", "baseline", None) in rows
@@ -29,6 +34,28 @@ def test_eval_quick_writes_table_plot_and_grid(tmp_path, capsys):
     assert "| ddim-10 | fora | 3 |" in capsys.readouterr().out
 
 
+def test_eval_compiles_the_baseline_and_every_fora_fx_row_with_inductor(monkeypatch):
+    import torch
+
+    from fora_fx.quality import evaluate
+    from fora_fx.quality.model import load_trained
+
+    compilers = []
+    transform = evaluate.api.transform
+
+    def spy(model, **options):
+        compilers.append(options["compiler"])
+        return transform(model, **options)
+
+    monkeypatch.setattr(evaluate.api, "transform", spy)
+    setup = evaluate.EvalSetup(methods=("fora", "taylor2"), intervals=(3, 6))
+    assert setup.compile  # the CLI's default
+    methods = evaluate._methods(load_trained(), setup, "ddim", 10, print)
+    assert [m.name for m in methods] == ["baseline"] + ["fora"] * 2 + ["taylor2"] * 2
+    assert isinstance(methods[0].model, torch._dynamo.eval_frame.OptimizedModule)
+    assert compilers == ["inductor"] * 4
+
+
 def test_cache_dit_rows_are_skipped_cleanly_without_cache_dit(monkeypatch):
     import sys
 
@@ -40,7 +67,7 @@ def test_cache_dit_rows_are_skipped_cleanly_without_cache_dit(monkeypatch):
     assert not peers_cachedit.available()
     logged: list[str] = []
     setup = EvalSetup(compile=False, methods=("cache-dit", "cache-dit+taylorseer"))
-    methods = _methods(load_trained(), setup, 10, logged.append)
+    methods = _methods(load_trained(), setup, "ddim", 10, logged.append)
     assert [m.name for m in methods] == ["baseline"]
     assert len(logged) == 2 and all("cache-dit is not installed" in s for s in logged)
 
@@ -48,7 +75,7 @@ def test_cache_dit_rows_are_skipped_cleanly_without_cache_dit(monkeypatch):
 def test_unknown_eval_method_is_refused_with_the_valid_ones():
     import pytest
 
-    with pytest.raises(SystemExit, match="valid: fora,taylorseer,pab,cache-dit"):
+    with pytest.raises(SystemExit, match="valid: fora,taylor1,.*,taylorseer,pab,cache-dit"):
         cli.main(["eval", "--quick", "--methods", "fora,deepcache"])
 
 
