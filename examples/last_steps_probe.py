@@ -38,9 +38,9 @@ class LastK(ForaConfig):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--quick", action="store_true", help="100 samples, eager (no Inductor)")
+    p.add_argument("--quick", action="store_true", help="20 samples, eager (no Inductor)")
     args = p.parse_args()
-    samples, compiler = (100, "eager") if args.quick else (args.samples, "inductor")
+    samples, compiler = (20, "eager") if args.quick else (args.samples, "inductor")
     judge, base = Judge.build(), load_trained()
     labels = torch.arange(samples) % 10
     batch = min(100, samples)
