@@ -60,7 +60,7 @@ def test_bench_pixart_path_with_profile(tmp_path, capsys):
     """The PixArt branch of the harness (captions, no cache-dit adapter) and --profile."""
     path = tmp_path / "pixart.json"
     assert cli.main(["bench", "--model", "tiny-pixart", "--device", "cpu", "--steps", "4",
-                     "--repeats", "1", "--intervals", "3", "--no-ablation",
+                     "--repeats", "1", "--intervals", "3", "--no-ablation", "--no-forecast",
                      "--no-compiled-peers", "--profile", "--json", str(path)]) == 0
     rows = {(r["method"], r["interval"]): r for r in json.loads(path.read_text())["rows"]}
     fora = rows[("fora_fx", 3)]
@@ -77,7 +77,7 @@ def test_bench_without_peers_has_only_the_compiled_rows(tmp_path):
     path = tmp_path / "bare.json"
     assert cli.main(["bench", "--model", "tiny-wan", "--device", "cpu", "--steps", "4",
                      "--repeats", "1", "--intervals", "3", "--no-ablation", "--no-peers",
-                     "--json", str(path)]) == 0
+                     "--no-forecast", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
     assert [(r["method"], r["interval"]) for r in rows] == [
         ("eager", None), ("compiled", None), ("fora_fx", 3)]
