@@ -8,18 +8,24 @@ from fora_fx import cli, peers_cachedit
 
 
 def test_eval_quick_writes_table_plot_and_grid(tmp_path, capsys):
-    # Every method of the CLI's run, at a CI size: 30 samples in 3 batches (3 timing rounds,
-    # the fewest that measure the noise), eager models. With ten fora_fx rows, ten captures
-    # and compiles cost more than eager sampling at this size; the compiled setup's models
-    # are checked below, compiled sampling of this DiT in test_examples' digits job.
+    # The CLI's run at a CI size: 30 samples in 3 batches (3 timing rounds, the fewest that
+    # measure the noise), eager models. Each fora_fx row is a capture (~5 s here) and costs
+    # more than sampling at this size, so of fora_fx's five methods, which differ only in
+    # their ForaConfig, this runs replay (fora) and the one that forecasts on a calibrated
+    # schedule (taylor2-cal); the next test builds the uniform ones with Inductor. Every peer
+    # runs. Compiled sampling of this DiT is test_examples' digits job.
     out = tmp_path / "eval"
     path = tmp_path / "eval.json"
+    methods = "fora,taylor2-cal,taylorseer,pab,cache-dit,cache-dit+taylorseer"
     assert cli.main(["eval", "--quick", "--samples", "30", "--batch", "10", "--no-compile",
-                     "--json", str(path), "--out", str(out)]) == 0
+                     "--methods", methods, "--json", str(path), "--out", str(out)]) == 0
     report = json.loads(path.read_text())
     rows = {(r["sampler"], r["method"], r["interval"]): r for r in report["rows"]}
     assert ("ddim", "baseline", None) in rows
     fora3, fora6 = rows[("ddim", "fora", 3)], rows[("ddim", "fora", 6)]
+    assert {m for _, m, _ in rows} >= {"baseline", "fora", "taylor2-cal", "taylorseer", "pab"}
+    # calibrated: as many full steps as the interval rule's (4 at N=3), forecast between them
+    assert abs(rows[("ddim", "taylor2-cal", 3)]["skipped"] - 0.6) < 1e-9
     # 10 steps: N=3 recomputes 0, 3, 6, 9 (9 is the last); N=6 recomputes 0, 6, 9
     assert abs(fora3["skipped"] - 0.6) < 1e-9 and abs(fora6["skipped"] - 0.7) < 1e-9
     base = rows[("ddim", "baseline", None)]
@@ -48,12 +54,19 @@ def test_eval_compiles_the_baseline_and_every_fora_fx_row_with_inductor(monkeypa
         return transform(model, **options)
 
     monkeypatch.setattr(evaluate.api, "transform", spy)
-    setup = evaluate.EvalSetup(methods=("fora", "taylor2"), intervals=(3, 6))
+    # the uniform-schedule methods (a calibrated one runs a calibration generation first:
+    # the quick run above builds taylor2-cal)
+    ours = tuple(m for m, (_, calibrated) in evaluate.OURS.items() if not calibrated)
+    setup = evaluate.EvalSetup(methods=ours, intervals=(3, 6))
     assert setup.compile  # the CLI's default
     methods = evaluate._methods(load_trained(), setup, "ddim", 10, print)
-    assert [m.name for m in methods] == ["baseline"] + ["fora"] * 2 + ["taylor2"] * 2
+    assert [m.name for m in methods] == ["baseline"] + [n for n in ours for _ in (3, 6)]
     assert isinstance(methods[0].model, torch._dynamo.eval_frame.OptimizedModule)
-    assert compilers == ["inductor"] * 4
+    assert compilers == ["inductor"] * 6
+    configs = [m.model.fora_config for m in methods[1:]]
+    assert [(c.interval, c.forecast, c.order if c.forecast else 0) for c in configs] == [
+        (3, None, 0), (6, None, 0), (3, "taylor", 1), (6, "taylor", 1), (3, "taylor", 2),
+        (6, "taylor", 2)]
 
 
 def test_cache_dit_rows_are_skipped_cleanly_without_cache_dit(monkeypatch):
