@@ -49,8 +49,10 @@ class ForaModule(torch.nn.Module):
                 stacklevel=3,
             )
         tune = tune or tuning.current()
-        # the tuning given (a copy keeps its original's), not whatever is current now
-        compiled = torch.compile(model, backend=backend_for(config, tune), dynamic=False,
+        # the tuning given (a copy keeps its original's), not whatever is current now; one
+        # backend for every schedule (config.graphs): this model's Runtime, found per call,
+        # holds the schedule
+        compiled = torch.compile(model, backend=backend_for(config.graphs, tune), dynamic=False,
                                  fullgraph=config.piecewise is None)
         runtime = Runtime(config, tune, source, model, compiled, module_paths(model))
         if config.piecewise is not None and config.piecewise.hook_sites:

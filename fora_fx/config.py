@@ -191,10 +191,9 @@ class ForaConfig:
         # A schedule lists every full step: the interval rule's options cannot apply beside
         # it. Set to a non-default value, they are refused by name rather than ignored (the
         # defaults cannot be told from unset ones, and they mean nothing with a schedule).
-        defaults = {f.name: f.default for f in dataclasses.fields(ForaConfig)}
         ignored = [f"{name}={getattr(self, name)!r}"
                    for name in ("interval", "warmup_steps", "refresh_last")
-                   if getattr(self, name) != defaults[name]]
+                   if getattr(self, name) != _DEFAULTS[name]]
         if ignored:
             raise ValueError(
                 f"ForaConfig: {', '.join(ignored)} cannot apply with a schedule, which lists "
@@ -220,6 +219,16 @@ class ForaConfig:
         n = self.num_steps if num_steps is None else num_steps
         return n is not None and self.refresh_last and step == n - 1
 
+    @property
+    def graphs(self) -> ForaConfig:
+        """This config with the step schedule at its defaults: the fields that shape the
+        compiled graphs. Which steps refresh is the runtime's choice, read each call; the
+        refresh and reuse graphs are the same for every schedule, so transformed models that
+        differ only in it share one backend, and Dynamo's and Inductor's work with it (a
+        sweep over N captures and compiles once)."""
+        defaults: dict[str, Any] = {name: _DEFAULTS[name] for name in SCHEDULE_FIELDS}
+        return dataclasses.replace(self, **defaults)
+
     def excluded_by(self, module_path: str) -> str | None:
         """The first `exclude` pattern matching `module_path`, or None."""
         return next((p for p in self.exclude if fnmatch.fnmatchcase(module_path, p)), None)
@@ -234,6 +243,10 @@ class ForaConfig:
         if mode is not None:
             options.setdefault("mode", mode)
         return cls(**options)
+
+
+SCHEDULE_FIELDS = ("interval", "warmup_steps", "num_steps", "refresh_last", "schedule")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ForaConfig)}
 
 
 def check_options(options: dict[str, Any], cls: type = ForaConfig) -> dict[str, Any]:

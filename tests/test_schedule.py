@@ -3,6 +3,8 @@ fora_fx.calibrate choosing them from one uncached measured generation."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import itertools
 import math
 import pathlib
@@ -14,7 +16,7 @@ import pytest
 import torch
 import toy
 from reference import EagerFora
-from zoo import make, run_steps
+from zoo import make, output_tensor, run_steps
 
 import fora_fx
 from fora_fx.schedule import choose
@@ -121,6 +123,45 @@ def test_transformed_model_refreshes_on_the_listed_steps():
     assert not torch.allclose(plain[2], got[2])
     assert "schedule: 8 steps -> full at 0, 1, 3, 6" in str(fora_fx.explain(fast))
     assert "schedule=Schedule({8: (0, 1, 3, 6)})" in repr(fast)
+
+
+def test_schedules_share_the_compiled_graphs_and_keep_their_own_steps(monkeypatch):
+    # The graphs do not depend on when a model refreshes: models that differ only in their
+    # schedule (interval, warm-up, length, Schedule) are captured and compiled once. Live at
+    # once and called in turns, each still follows its own steps.
+    backend = importlib.import_module("fora_fx.backend")
+    builds = []
+    build_pair = backend.build_pair
+    monkeypatch.setattr(backend, "build_pair",
+                        lambda *a, **k: builds.append(1) or build_pair(*a, **k))
+    torch._dynamo.reset()
+    cases = [make("dit") for _ in range(4)]
+    plain = copy.deepcopy(cases[0].model)
+    refs = [EagerFora(copy.deepcopy(cases[1].model), cases[1].sites, interval=3,
+                      warmup_steps=2),
+            ScheduledFora(copy.deepcopy(cases[2].model), cases[2].sites, (0, 3), num_steps=5)]
+    configs = [dict(interval=1), dict(interval=3, warmup_steps=2),
+               dict(schedule=fora_fx.Schedule({5: (0, 3)}), num_steps=5),
+               dict(interval=2, forecast="taylor")]
+    fasts = [fora_fx.transform(c.model, EAGER, **cfg)
+             for c, cfg in zip(cases, configs, strict=True)]
+
+    def call(model, case, k):
+        args, kwargs = case.inputs(k, 3)
+        with torch.no_grad():
+            return output_tensor(model(*args, **kwargs))
+
+    for k in range(5):
+        torch.testing.assert_close(call(fasts[0], cases[0], k), call(plain, cases[0], k),
+                                   rtol=0, atol=0)
+        for fast, ref, case in zip(fasts[1:3], refs, cases[1:3], strict=True):
+            torch.testing.assert_close(call(fast, case, k), call(ref, case, k),
+                                       rtol=1e-5, atol=1e-6, msg=f"step {k}")
+        call(fasts[3], cases[3], k)
+    assert len(builds) == 2  # one capture for the three replays, one for the forecast
+    assert [fora_fx.stats(f).history for f in fasts[:3]] == [
+        [True] * 5, [True, True, False, True, False], [True, False, False, True, False]]
+    assert [r.refreshed for r in refs] == [fora_fx.stats(f).history for f in fasts[1:3]]
 
 
 def test_model_without_a_generation_length_is_refused_at_its_first_call():
