@@ -23,10 +23,12 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _fresh_dynamo():
-    # Compiled entries are shared between models of one class (per code object); start each
-    # test from an empty Dynamo cache so compile counts and recompile limits are per test.
+    # Compiled entries are shared between models of one class (per code object), as they are
+    # in a user's process: the tests of a file share them (a model class captured once per
+    # graph-shaping config, not once per test; every schedule shares it), each file starts
+    # from an empty Dynamo cache. A test that counts captures resets it itself.
     torch._dynamo.reset()
     yield
 
