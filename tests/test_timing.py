@@ -105,6 +105,17 @@ def test_a_noisy_control_whose_median_is_within_its_noise_passes_with_a_wide_ban
     assert summarize(shifted, "base", controls=["n1"]).unreliable
 
 
+def test_a_control_too_noisy_to_time_anything_flags_the_run():
+    # the eval's DPM run beside two test suites: per-round control speedups 0.3x .. 4.3x,
+    # median 1.0x -- within its own noise, but a +-198% band says nothing of any speedup
+    speeds = [0.3, 1.0, 4.3, 0.9, 1.1]
+    times = {"base": [10.0] * 5, "again": [10 / s for s in speeds], "n3": [4.0] * 5}
+    t = summarize(times, "base", controls=["again"])
+    assert t.noise == pytest.approx(2.0) and t.unreliable
+    assert "spread +-200% (more than +-50%)" in t.reasons[0]
+    assert t.verdict().startswith("UNRELIABLE timing: the controls' per-round speedups")
+
+
 def test_floor_absorbs_a_small_real_difference_of_a_control():
     times = {"base": [10.0] * 4, "n1": [10 / 1.06] * 4}  # a steady 1.06x, no scatter
     assert not summarize(times, "base", controls=["n1"]).unreliable

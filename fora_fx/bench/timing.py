@@ -272,6 +272,11 @@ class Timings:
                 "speedups": {k: vars(v) for k, v in self.speedups.items()}}
 
 
+# Half the range of a control's per-round speedups beyond which a run times nothing: a
+# variant 2x faster could not be told from the baseline.
+MAX_NOISE = 0.5
+
+
 def summarize(times: Mapping[str, Sequence[float]], baseline: str,
               controls: Sequence[str] = (), floor: float = 0.10) -> Timings:
     """Per-round speedups and the sanity check, from times alone (no clock: tests feed it).
@@ -281,7 +286,9 @@ def summarize(times: Mapping[str, Sequence[float]], baseline: str,
     their range. The run is unreliable when a control's median sits further from 1 than that
     noise (and than `floor`, which absorbs small real differences, such as interval=1's own
     dispatch): then something other than noise, which interleaving would have cancelled,
-    moved the times. Fewer than 3 rounds cannot measure the noise and are flagged too."""
+    moved the times. Fewer than 3 rounds cannot measure the noise and are flagged too, and so
+    is noise beyond `MAX_NOISE`: a control that ranged over 0.3-3x per round passes the median
+    check, but no speedup of such a run means anything."""
     base = list(times[baseline])
     rounds = len(base)
     if any(len(t) != rounds for t in times.values()):
@@ -293,6 +300,10 @@ def summarize(times: Mapping[str, Sequence[float]], baseline: str,
     reasons = []
     if rounds < 3:
         reasons.append(f"{rounds} round(s) cannot measure the noise (3 or more can)")
+    if noise > MAX_NOISE:
+        reasons.append(f"the controls' per-round speedups spread +-{noise:.0%} (more than "
+                       f"+-{MAX_NOISE:.0%}): the machine's speed changed too much between "
+                       "rounds to time anything")
     for c in controls:
         s = speedups[c]
         if abs(s.median - 1) > band:
