@@ -30,6 +30,14 @@ def capture(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[GraphMod
         return gm.forward
 
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
-    with torch.no_grad():
+    # Each capture is a new backend, so it adds an entry to the Dynamo cache of the forward's
+    # code object (and of diffusers' `wrapper`, which every diffusers model's forward shares),
+    # and Dynamo refuses a code object's ninth: a process that inspects several models would
+    # fail there. The entry is never hit again; the limit is raised for this call only.
+    limit = max(torch._dynamo.config.recompile_limit, CAPTURE_RECOMPILE_LIMIT)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
         compiled(*args, **kwargs)
     return graphs[0]
+
+
+CAPTURE_RECOMPILE_LIMIT = 1024

@@ -525,3 +525,14 @@ def test_a_mixture_of_experts_is_cached_whole_never_its_experts_alone():
     assert [s.module_path for s in result.sites] == [
         "blocks.0.attn", "blocks.0.moe.shared", "blocks.1.attn", "blocks.1.moe.shared"]
     assert any("routed experts" in r.reason for r in result.refused)
+
+
+def test_capture_any_number_of_times_in_one_process():
+    # Each capture is a new backend and leaves an entry in the Dynamo cache of the model's
+    # forward; Dynamo refuses a code object's ninth entry (recompile_limit 8), so inspecting a
+    # ninth model of one class failed. Capture raises the limit for its own call.
+    torch._dynamo.reset()
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        gm, _ = capture(_Mlp(), torch.randn(2, 16))
+        assert any(n.op == "call_function" for n in gm.graph.nodes)
+    torch._dynamo.reset()
