@@ -179,8 +179,22 @@ class Runtime:
     def _call_piecewise(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """A call Dynamo may split into several graphs, with hook sites between them: always
         through Dynamo's frames, the step decided once for all of them (fora_fx/piecewise.py)."""
-        with self._calling(), self._piecewise():
+        # Without fullgraph, Dynamo does not raise at a code object's recompile limit: it
+        # runs the frame uncompiled. Every model of a class (and diffusers' shared `wrapper`)
+        # counts toward it; this model needs an entry per input shape: raised for the call.
+        limit = max(torch._dynamo.config.recompile_limit, 64)
+        with self._calling(), self._piecewise(), \
+                torch._dynamo.config.patch(recompile_limit=limit):
             out = self._through_dynamo(args, kwargs)
+        if not self.pairs and not self.hooked:  # (hook sites may be all a model has)
+            self.reset()
+            raise RuntimeError(
+                f"fora_fx: Dynamo ran {type(self.model).__name__}'s forward without compiling "
+                "any of it, so nothing was cached: it skips a frame for the rest of a process "
+                "after a graph break it cannot resume from there (another torch.compile of "
+                "this model class), or after too many compiled versions of that code "
+                "(torch._dynamo.config.recompile_limit). Call torch._dynamo.reset() before "
+                "transforming this model.")
         if not any(p.sites for p in self.pairs) and not self.hooked:
             found = LocateResult(sites=[s for p in self.pairs for s in p.located.sites],
                                  refused=[r for p in self.pairs for r in p.located.refused])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import toy
 from reference import EagerFora
 from torch import nn
 from toy import Mlp16 as _Mlp
@@ -360,3 +361,26 @@ def test_a_parallel_block_compiled_from_its_own_frame_is_one_site():
     assert [(s.module_path, s.kind) for s in explanation.sites] == [
         ("blocks.0", "parallel"), ("blocks.1", "parallel")]
     assert explanation.uncached == []
+
+
+def test_piecewise_models_beyond_dynamos_recompile_limit_are_still_cached():
+    # Without fullgraph, Dynamo runs a frame uncompiled past its code object's recompile
+    # limit instead of raising; every model of a class counts toward it. The second model
+    # here ran uncompiled and was refused with "found no attention or MLP site".
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for compiler in ("eager", "aot_eager"):  # two backends: two cache entries
+            fast = fora_fx.transform(toy.Toy(), interval=2, compiler=compiler,
+                                     piecewise=fora_fx.Piecewise())
+            out = [fast(*toy.inputs(t)).item() for t in (1.0, 2.0)]
+            assert out == [toy.recomputed(1), toy.reused(2, 1)]
+            assert fora_fx.stats(fast).graphs == 1
+
+
+def test_a_piecewise_call_dynamo_ran_uncompiled_says_so():
+    fast = fora_fx.transform(toy.Toy(), interval=2, compiler="eager",
+                             piecewise=fora_fx.Piecewise())
+    with torch.compiler.set_stance("force_eager"):  # Dynamo runs the frame as written
+        with pytest.raises(RuntimeError, match="without compiling any of it"):
+            fast(*toy.inputs(1.0))
+    assert fora_fx.stats(fast).step == 0
