@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test command: bootstrap, lint, type-check, then the whole suite (CPU: 13.1 min measured
-# on the 2-core dev machine beside a low-priority job, with the venv built and Inductor's
-# on-disk cache warm from an earlier run; a cold cache costs more, the bench tests most: CI
+# The test command: bootstrap, lint, type-check, then the whole suite (CPU: 12.4 min measured
+# on the quiet 2-core dev machine, with the venv built and Inductor's on-disk cache warm from
+# an earlier run; a cold cache costs more, the bench tests most: CI
 # from a clean clone took 1,180 s in all, install included; README says so).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
