@@ -30,14 +30,19 @@ def capture(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[GraphMod
         return gm.forward
 
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
-    # Each capture is a new backend, so it adds an entry to the Dynamo cache of the forward's
-    # code object (and of diffusers' `wrapper`, which every diffusers model's forward shares),
-    # and Dynamo refuses a code object's ninth: a process that inspects several models would
-    # fail there. The entry is never hit again; the limit is raised for this call only.
-    limit = max(torch._dynamo.config.recompile_limit, CAPTURE_RECOMPILE_LIMIT)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
+    # Each capture is a new backend, so it adds an entry that is never hit again: a process
+    # that inspects many models needs more than the usual headroom.
+    with torch.no_grad(), recompile_headroom(1024):
         compiled(*args, **kwargs)
     return graphs[0]
 
 
-CAPTURE_RECOMPILE_LIMIT = 1024
+def recompile_headroom(limit: int = 64) -> Any:
+    """Dynamo's recompile limit raised to at least `limit`, for one call (a config patch).
+
+    Dynamo keeps one cache per code object: every model of a class (every input shape, every
+    backend; diffusers' peft `wrapper` for every diffusers model class) compiled in a process
+    counts toward recompile_limit (8), though one model needs an entry per input shape. At
+    the limit a fullgraph compile raises and any other runs the frame uncompiled."""
+    return torch._dynamo.config.patch(
+        recompile_limit=max(torch._dynamo.config.recompile_limit, limit))

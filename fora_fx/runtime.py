@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import parallel, stacks
+from .capture import recompile_headroom
 from .compile import CompiledPair
 from .config import ForaConfig
 from .fastpath import DirectCall, FastPath, Record
@@ -179,12 +180,7 @@ class Runtime:
     def _call_piecewise(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """A call Dynamo may split into several graphs, with hook sites between them: always
         through Dynamo's frames, the step decided once for all of them (fora_fx/piecewise.py)."""
-        # Without fullgraph, Dynamo does not raise at a code object's recompile limit: it
-        # runs the frame uncompiled. Every model of a class (and diffusers' shared `wrapper`)
-        # counts toward it; this model needs an entry per input shape: raised for the call.
-        limit = max(torch._dynamo.config.recompile_limit, 64)
-        with self._calling(), self._piecewise(), \
-                torch._dynamo.config.patch(recompile_limit=limit):
+        with self._calling(), self._piecewise():
             out = self._through_dynamo(args, kwargs)
         if not self.pairs and not self.hooked:  # (hook sites may be all a model has)
             self.reset()
@@ -222,15 +218,15 @@ class Runtime:
         assert self.compiled is not None
         parallel.prepare(self.model)  # diffusers' context-parallel hooks, traceable
         try:
+            if self.config.piecewise is not None:
+                # without fullgraph Dynamo does not raise at the limit: it would run the
+                # frame uncompiled (and nothing would be cached)
+                with recompile_headroom():
+                    return self.compiled(*args, **kwargs)
             try:
                 return self.compiled(*args, **kwargs)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
-                # Dynamo keeps one cache per code object: every model of this class (and
-                # every input shape; diffusers' shared peft `wrapper` for every model class)
-                # compiled in this process counts toward recompile_limit (8), though this
-                # model only needs an entry per input shape. Raise it for this call only.
-                limit = max(torch._dynamo.config.recompile_limit, 64)
-                with torch._dynamo.config.patch(recompile_limit=limit):
+                with recompile_headroom():  # for this call only (see recompile_headroom)
                     return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # The library's own errors reach the caller as themselves, not wrapped in

@@ -22,7 +22,6 @@ def _aot_compiles() -> int:
 
 
 def test_inductor_two_generations_one_pair_no_recompile():
-    torch._dynamo.reset()  # counts compiles: none shared with an earlier test of this file
     case = make("timm")
     fast = fora_fx.transform(case.model, interval=3, num_steps=10, compiler="inductor")
     counters.clear()
