@@ -30,7 +30,20 @@ def _fresh_dynamo():
     # (Per file was tried: a piecewise compile makes Dynamo skip that class's frame for later
     # whole-graph ones, which then fail; the tests' dealing order decided which.)
     torch._dynamo.reset()
+    before = _compile_configs()
     yield
+    changed = sorted(k for k, v in _compile_configs().items() if before.get(k) != v)
+    # A process-wide compile setting changed by a test (or by a library it ran) changes
+    # every later test on the worker: cache-dit's recommended setup once left Dynamo's
+    # recompile limit at 1024, and a later test that counted on 8 failed, by dealing order.
+    assert not changed, f"the test left torch's compile configs changed: {changed}"
+
+
+def _compile_configs() -> dict:
+    import torch._inductor.config as inductor_config
+
+    return {f"{c.__name__}.{k}": v for c in (torch._dynamo.config, inductor_config)
+            for k, v in c.get_config_copy().items()}
 
 
 @pytest.hookimpl(trylast=True)

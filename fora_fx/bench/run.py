@@ -3,9 +3,10 @@ device; a row per method."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -244,18 +245,37 @@ def _cache_dit_rows(setup: Setup, fresh: Callable[[], torch.nn.Module], name: st
     kinds = [("cache-dit", False)] + ([("cache-dit + compile", True)]
                                       if setup.compiled_peers else [])
     for method, compiled in kinds:
-        try:
-            peer = peers_cachedit.CacheDitPeer(fresh(), 3, setup.steps)
-            fn: Any = peer
-            if compiled:
-                import cache_dit
+        with _compile_configs_restored():
+            try:
+                peer = peers_cachedit.CacheDitPeer(fresh(), 3, setup.steps)
+                fn: Any = peer
+                if compiled:
+                    import cache_dit
 
-                cache_dit.set_compile_configs()
-                fn = torch.compile(peer.model, dynamic=False)
-        except Exception as e:
-            add(Row(method, 3, device=name, note=f"skipped: {type(e).__name__}: {e}"[:160]))
-            continue
-        record(Row(method, 3, note="DBCache F1B0, static mask"),
-               sampler(fn, before=peer.start_generation))
+                    cache_dit.set_compile_configs()  # its recommended setup, for its row only
+                    fn = torch.compile(peer.model, dynamic=False)
+            except Exception as e:
+                add(Row(method, 3, device=name, note=f"skipped: {type(e).__name__}: {e}"[:160]))
+                continue
+            record(Row(method, 3, note="DBCache F1B0, static mask"),
+                   sampler(fn, before=peer.start_generation))
+
+
+@contextlib.contextmanager
+def _compile_configs_restored() -> Iterator[None]:
+    """Dynamo's and Inductor's global configs as they were before the block. cache-dit's
+    `set_compile_configs` assigns them for the whole process (recompile_limit 1024 among
+    others), which changed every later compile in the process, the caller's included."""
+    import torch._inductor.config as inductor_config
+
+    saved = [(c, c.get_config_copy()) for c in (torch._dynamo.config, inductor_config)]
+    try:
+        yield
+    finally:
+        for config, before in saved:
+            now = config.get_config_copy()
+            for key, value in before.items():
+                if now.get(key) != value:
+                    setattr(config, key, value)
 
 
