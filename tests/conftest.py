@@ -23,13 +23,28 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "shares_captures: the test's `name` parameter is a whole-graph model case "
+        "(tests/zoo.py, tests/pipes.py); the tests of one case run on one worker, back to back, "
+        "sharing Dynamo's cache")
+
+
+_previous_case: list[str | None] = [None]
+
+
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo(request):
     # Compiled entries are shared between models of one class (per code object); start each
     # test from an empty Dynamo cache so compile counts and recompile limits are per test.
     # (Per file was tried: a piecewise compile makes Dynamo skip that class's frame for later
-    # whole-graph ones, which then fail; the tests' dealing order decided which.)
-    torch._dynamo.reset()
+    # whole-graph ones, which then fail; the tests' dealing order decided which.) The
+    # exception: consecutive `shares_captures` tests of one case (whole-graph models) keep it,
+    # so a transform that differs from an earlier one only in its schedule compiles nothing.
+    case = _shared_case(request.node)
+    if case is None or case != _previous_case[0]:
+        torch._dynamo.reset()
+    _previous_case[0] = case
     before = _compile_configs()
     yield
     changed = sorted(k for k, v in _compile_configs().items() if before.get(k) != v)
@@ -37,6 +52,12 @@ def _fresh_dynamo():
     # every later test on the worker: cache-dit's recommended setup once left Dynamo's
     # recompile limit at 1024, and a later test that counted on 8 failed, by dealing order.
     assert not changed, f"the test left torch's compile configs changed: {changed}"
+
+
+def _shared_case(item) -> str | None:
+    if item.get_closest_marker("shares_captures") is None:
+        return None
+    return item.callspec.params["name"]
 
 
 def _compile_configs() -> dict:
@@ -54,6 +75,10 @@ def pytest_collection_modifyitems(config, items):
     `item._id`): every group was split over both workers, each ran the module fixtures (two
     torchruns for test_context_parallel.py) and the fuzzer's feature check skipped. Appended
     here where xdist's did not take."""
+    for item in items:  # a case's tests on one worker (see _fresh_dynamo)
+        case = _shared_case(item)
+        if case is not None:
+            item.add_marker(pytest.mark.xdist_group(f"case_{case}"))
     if not getattr(config.option, "loadgroup", False) or not hasattr(config, "workerinput"):
         return
     from _pytest.nodeid import NodeId

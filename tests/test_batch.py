@@ -29,6 +29,7 @@ def _batched(fast) -> dict[str, list]:
     return fora_fx.explain(fast).batched
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_batching_changes_no_result(name):
     case = make(name)

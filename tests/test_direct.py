@@ -20,6 +20,7 @@ def _pair(model: nn.Module, **options):
         return fast, fora_fx.transform(copy.deepcopy(model), interval=3, num_steps=6, **options)
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_direct_calls_give_the_frames_result_on_every_zoo_model(name):
     case = make(name)

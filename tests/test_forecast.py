@@ -39,6 +39,7 @@ def _close(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=f"call {k}")
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize(
     "name, compiler, order",  # order 2 takes every step order 1 takes, and one more
     [(n, "eager", 2) for n in sorted(CASES)]

@@ -43,6 +43,7 @@ def _shape(explanation) -> tuple:
             {v: [(b.prefix, b.blocks) for b in runs] for v, runs in explanation.batched.items()})
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_lora_on_every_linear_keeps_every_site_and_equals_the_reference(name):
     case = make(name)
@@ -50,7 +51,6 @@ def test_lora_on_every_linear_keeps_every_site_and_equals_the_reference(name):
     _run(fast, case)
     plain = _shape(fora_fx.explain(fast))
     fora_fx.restore(fast)
-    torch._dynamo.reset()
 
     torch.manual_seed(3)
     _adapt(case.model)
@@ -67,7 +67,6 @@ def test_lora_on_every_linear_keeps_every_site_and_equals_the_reference(name):
     for k, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"step {k}")
     fora_fx.restore(fast)
-    torch._dynamo.reset()
 
 
 def test_lora_two_adapters_and_dropout_are_seen_through():

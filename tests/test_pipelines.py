@@ -20,6 +20,7 @@ def _run(pipe, case, seeds=SEEDS):
         return [output_tensor(pipe(**case.call(s))) for s in seeds]
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize("name", sorted(PIPES))
 def test_interval_1_equals_untransformed_pipeline(name):
     case = make_pipe(name)
@@ -42,9 +43,17 @@ def test_interval_1_equals_untransformed_pipeline(name):
     fora_fx.restore(pipe)
 
 
-@pytest.mark.parametrize("name, piecewise", [(n, None) for n in sorted(PIPES)]
-                         + [("sd3_slg", fora_fx.Piecewise())])  # two calls per step
-def test_interval_3_equals_eager_reference(name, piecewise):
+@pytest.mark.shares_captures
+@pytest.mark.parametrize("name", sorted(PIPES))
+def test_interval_3_equals_eager_reference(name):
+    _check_interval_3(name, piecewise=None)
+
+
+def test_interval_3_piecewise_equals_eager_reference():
+    _check_interval_3("sd3_slg", piecewise=fora_fx.Piecewise())  # two calls per step
+
+
+def _check_interval_3(name, piecewise):
     case = make_pipe(name)
     plain = _run(case.pipe, case, seeds=SEEDS[:1])
 
@@ -70,6 +79,7 @@ def test_interval_3_equals_eager_reference(name, piecewise):
     assert not torch.allclose(got[0], plain[0])  # caching changed something
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize("name", ["flux_true_cfg", "wan"])
 def test_true_cfg_branches_are_named_by_cache_context(name):
     case = make_pipe(name)

@@ -18,6 +18,7 @@ def _run(model, case, steps, seed=SEED):
     return run_steps(model, case, steps, seed)
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_interval_1_equals_original(name):
     case = make(name)
@@ -29,6 +30,7 @@ def test_interval_1_equals_original(name):
     assert fora_fx.stats(fast).reuses == 0
 
 
+@pytest.mark.shares_captures
 @pytest.mark.parametrize(
     "name, compiler",
     [(n, "eager") for n in sorted(CASES)] + [("dit", "aot_eager"), ("pixart", "aot_eager")],
