@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: bootstrap, lint, type-check, then the whole suite (CPU: 9.7 min measured
 # on the quiet 2-core dev machine, 580 s wall with 435 passed, the venv built and Inductor's
-# on-disk cache warm from an earlier run; CI from a clean clone, cold cache and install
-# included, took 1,012 s when this suite took 12.4 min here).
+# on-disk cache warm from an earlier run; from a clean clone with an empty Inductor cache,
+# install included: 1,206 s, pytest 1,058 s of it, ~half of the extra in the bench tests'
+# C++ compiles; README says so).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/.ci/bootstrap.sh"
