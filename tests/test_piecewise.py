@@ -367,7 +367,6 @@ def test_piecewise_models_beyond_dynamos_recompile_limit_are_still_cached():
     # Without fullgraph, Dynamo runs a frame uncompiled past its code object's recompile
     # limit instead of raising; every model of a class counts toward it. The second model
     # here ran uncompiled and was refused with "found no attention or MLP site".
-    torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):
         for compiler in ("eager", "aot_eager"):  # two backends: two cache entries
             fast = fora_fx.transform(toy.Toy(), interval=2, compiler=compiler,
